@@ -1,0 +1,76 @@
+"""The built-in components, registered through the same hooks as any plugin.
+
+Factories are lazy "module:attr" strings so that listing them imports no torch.
+"""
+
+from importlib.util import find_spec
+
+from difftool.hookspecs import hookimpl
+
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", "DDPM ancestral sampling (Ho et al. 2020); the tutorial's scheduler"),
+    "ddim": ("DDIMScheduler", "DDIM, deterministic (eta=0) few-step sampling"),
+    "pndm": ("PNDMScheduler", "pseudo numerical methods (PLMS)"),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", "DPM-Solver++ multistep, good in 20-25 steps"),
+    "dpm-solver-singlestep": ("DPMSolverSinglestepScheduler", "DPM-Solver singlestep"),
+    "euler": ("EulerDiscreteScheduler", "Euler (Karras et al. 2022)"),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", "Euler with ancestral noise"),
+    "heun": ("HeunDiscreteScheduler", "Heun second-order (2 model calls per step)"),
+    "lms": ("LMSDiscreteScheduler", "linear multistep"),
+    "kdpm2": ("KDPM2DiscreteScheduler", "DPM-Solver-2 (k-diffusion)"),
+    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", "DPM-Solver-2 with ancestral noise"),
+    "unipc": ("UniPCMultistepScheduler", "UniPC multistep predictor-corrector"),
+    "deis": ("DEISMultistepScheduler", "DEIS multistep exponential integrator"),
+    "sa-solver": ("SASolverScheduler", "SA-Solver stochastic Adams"),
+}
+if find_spec("torchsde") is not None:
+    SCHEDULERS["dpm-solver-sde"] = ("DPMSolverSDEScheduler", "DPM-Solver SDE (needs torchsde)")
+
+LR_SCHEDULES = {
+    "constant": ("get_constant_schedule", "constant learning rate"),
+    "constant-with-warmup": ("get_constant_schedule_with_warmup", "linear warm-up, then constant"),
+    "linear": ("get_linear_schedule_with_warmup", "linear warm-up, then linear decay to 0"),
+    "cosine": ("get_cosine_schedule_with_warmup", "linear warm-up, then cosine decay (the tutorial's)"),
+    "cosine-with-restarts": ("get_cosine_with_hard_restarts_schedule_with_warmup", "warm-up, then cosine with hard restarts"),
+    "polynomial": ("get_polynomial_decay_schedule_with_warmup", "warm-up, then polynomial decay to lr_end"),
+}
+
+
+@hookimpl
+def register_models(register):
+    register("unet2d", "difftool.builtins.models:unet2d", "diffusers UNet2DModel, from keyword arguments or `pretrained` (a local folder)")
+
+
+@hookimpl
+def register_schedulers(register):
+    for name, (cls, description) in SCHEDULERS.items():
+        register(name, f"diffusers:{cls}", description)
+
+
+@hookimpl
+def register_datasets(register):
+    register("huggingface", "difftool.builtins.datasets:huggingface", "a dataset from the Hugging Face Hub or a local dataset script/folder")
+    register("imagefolder", "difftool.builtins.datasets:imagefolder", "a local folder of images (datasets' imagefolder)")
+    register("synthetic-butterflies", "difftool.builtins.synthetic:synthetic_butterflies", "offline, seeded, generated butterfly-like images")
+
+
+@hookimpl
+def register_lr_schedules(register):
+    for name, (function, description) in LR_SCHEDULES.items():
+        register(name, f"diffusers.optimization:{function}", description)
+    register("warmup-cosine", "difftool.builtins.lr_schedules:warmup_cosine", "LinearLR warm-up then CosineAnnealingLR down to eta_min")
+
+
+@hookimpl
+def register_optimizers(register):
+    register("adamw", "torch.optim:AdamW", "AdamW (decoupled weight decay)")
+    register("adam", "torch.optim:Adam", "Adam")
+    register("sgd", "torch.optim:SGD", "SGD with optional momentum and Nesterov")
+
+
+@hookimpl
+def register_attention_processors(register):
+    register("default", "difftool.builtins.attention:default", "what diffusers uses by default: sdpa where torch has it, else vanilla")
+    register("sdpa", "diffusers.models.attention_processor:AttnProcessor2_0", "torch scaled_dot_product_attention (fused kernels)")
+    register("vanilla", "diffusers.models.attention_processor:AttnProcessor", "explicit softmax(QK^T * scale) V")
+    register("sliced", "diffusers.models.attention_processor:SlicedAttnProcessor", "attention in slices of `slice_size` heads, to save memory")

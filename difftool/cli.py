@@ -1,0 +1,166 @@
+"""The `difftool` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from difftool import __version__
+from difftool.errors import DifftoolError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Train diffusion models from TOML recipes; components come from plugins.")
+console = Console()
+errors = Console(stderr=True)
+options = {"debug": False}
+SET_HELP = "Override a recipe value, e.g. --set run.max_steps=20 (parsed as TOML)."
+
+
+def show_version(value: bool) -> None:
+    if value:
+        console.print(f"difftool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, help="Show the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    options["debug"] = debug
+
+
+@app.command()
+def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """Train from a recipe."""
+    from difftool import recipe as recipes
+    from difftool.engine import train
+
+    output_dir = train(recipes.load(recipe, set_))
+    console.print(f"[green]done[/]: pipeline and samples in {output_dir}")
+
+
+@app.command()
+def check(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """Validate a recipe and build its model and schedulers, without training."""
+    from difftool import build
+    from difftool import recipe as recipes
+
+    loaded = recipes.load(recipe, set_)
+    build.model(loaded)
+    build.sampling_scheduler(loaded, build.noise_scheduler(loaded))
+    table = Table("section", "component", "plugin", title=f"{recipe} is valid")
+    for section, entry in loaded.entries.items():
+        table.add_row(section, entry.name, entry.plugin)
+    console.print(table)
+
+
+@app.command("list")
+def list_components(kind: Optional[str] = typer.Argument(None, help="models, schedulers, datasets, ...")) -> None:
+    """List the components a recipe can name, and the plugin that gives each."""
+    from difftool.plugins import registries
+    from difftool.registry import KINDS, suggest
+
+    if kind is None:
+        table = Table("kind", "components")
+        for name, registry in registries().items():
+            table.add_row(name, str(len(registry.entries)))
+    else:
+        matches = [k for k in KINDS if kind in (k, k.rstrip("s"), KINDS[k][0])]
+        if not matches:
+            raise DifftoolError(f"unknown kind '{kind}'{suggest(kind, KINDS)}; kinds: {', '.join(KINDS)}")
+        table = Table("name", "description", "plugin", title=matches[0])
+        for name, entry in registries()[matches[0]].visible():
+            table.add_row(name, entry.description, entry.plugin)
+    console.print(table)
+    report_failures()
+
+
+plugins_app = typer.Typer(help="Installed plugins.", invoke_without_command=True)
+app.add_typer(plugins_app, name="plugins")
+
+
+@plugins_app.callback()
+def plugins(ctx: typer.Context) -> None:
+    """Show installed plugins: version, hooks implemented, components registered, clashes."""
+    if ctx.invoked_subcommand:
+        return
+    from difftool.plugins import plugin_version, pm, registries
+
+    counts: dict[str, dict[str, int]] = {}
+    for kind, registry in registries().items():
+        for entry in registry.entries.values():
+            counts.setdefault(entry.plugin, {}).setdefault(kind, 0)
+            counts[entry.plugin][kind] += 1
+    table = Table("plugin", "version", "hooks", "components")
+    for name, plugin in pm.list_name_plugin():
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        registered = ", ".join(f"{n} {k}" for k, n in counts.get(name, {}).items())
+        table.add_row(name, plugin_version(name), "\n".join(hooks), registered)
+    console.print(table)
+    for registry in registries().values():
+        for claimants in registry.clashes():
+            names = ", ".join(f"'{e.qualified_name}'" for e in claimants)
+            console.print(f"[yellow]clash[/]: {registry.kind} '{claimants[0].name}' is registered by {names}")
+    report_failures()
+
+
+def report_failures() -> None:
+    """Say which plugins failed to load or register, and why."""
+    from difftool.plugins import failures
+
+    for failure in failures:
+        errors.print(f"[yellow]plugin '{failure.plugin}' failed ({failure.stage}): {escape(failure.error)}[/]", highlight=False, soft_wrap=True)
+    if failures:
+        errors.print("[yellow]fix or uninstall it, or skip plugins with DIFFTOOL_LOAD_PLUGINS=name1,name2[/]")
+
+
+@app.command()
+def sample(
+    run_dir: Path,
+    scheduler: Optional[str] = typer.Option(None, help="Any registered scheduler (default: the run's [sampling] one)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Inference steps (default: the run's)."),
+    num_images: int = typer.Option(16, min=1, help="Images in the grid."),
+    seed: int = typer.Option(0, help="Seed of the starting noise."),
+    out: Optional[Path] = typer.Option(None, help="Grid PNG to write (default: RUN_DIR/samples/sample-SCHEDULER-STEPS.png)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Generate a grid of images from a finished run with any registered scheduler."""
+    from difftool.sampling import sample_run
+
+    path = sample_run(run_dir, scheduler, steps, num_images, seed, out, overwrite)
+    console.print(f"[green]wrote[/] {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: user errors as one message and a non-zero exit, tracebacks only with --debug."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        errors.print("[red]interrupted[/]")
+        sys.exit(130)
+    except DifftoolError as exc:
+        fail(str(exc), exc.exit_code)
+    except Exception as exc:
+        fail(f"internal error: {type(exc).__name__}: {exc} (please report it; --debug shows where)", 1)
+
+
+def fail(message: str, code: int) -> None:
+    """Print the error (and, with --debug, its traceback) and exit with `code`."""
+    if options["debug"]:
+        traceback.print_exc()
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)

@@ -1,0 +1,247 @@
+"""TOML recipes: read, override from the command line, validate, resolve components, write back.
+
+Each section has engine keys (typed, with defaults, listed in SCHEMA); the other keys of a
+component section are the keyword arguments of the factory it names, checked against the
+factory's signature before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftool.errors import DifftoolError
+from difftool.registry import Entry, suggest
+
+REQUIRED = object()
+POSITIVE, NON_NEGATIVE = "a positive integer", "zero or a positive integer"
+
+# section -> key -> (type, default, constraint); `name`-like keys pick the component.
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "run": {
+        "output_dir": (str, REQUIRED, None),
+        "seed": (int, 0, None),
+        "num_epochs": (int, 1, POSITIVE),
+        "max_steps": (int, None, POSITIVE),
+        "gradient_accumulation_steps": (int, 1, POSITIVE),
+        "mixed_precision": (str, "no", ("no", "fp16", "bf16")),
+        "max_grad_norm": (float, 1.0, NON_NEGATIVE),
+        "save_image_epochs": (int, 10, POSITIVE),
+        "save_model_epochs": (int, 30, POSITIVE),
+        "log_with": (str, "tensorboard", ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "none")),
+        "overwrite_output_dir": (bool, False, None),
+    },
+    "dataset": {
+        "name": (str, REQUIRED, None),
+        "image_size": (int, 128, POSITIVE),
+        "batch_size": (int, 16, POSITIVE),
+        "random_flip": (bool, True, None),
+        "num_workers": (int, 0, NON_NEGATIVE),
+    },
+    "model": {"name": (str, "unet2d", None)},
+    "noise_scheduler": {"name": (str, "ddpm", None)},
+    "optimizer": {"name": (str, "adamw", None), "param_groups": (list, [], None)},
+    "lr_schedule": {"name": (str, "constant", None)},
+    "sampling": {
+        "scheduler": (str, None, None),
+        "num_inference_steps": (int, None, POSITIVE),
+        "num_images": (int, 16, POSITIVE),
+        "seed": (int, None, None),
+    },
+    "attention": {"processor": (str, REQUIRED, None), "layers": (str, "*", None)},
+    "adapters": {"name": (str, REQUIRED, None)},
+}
+OPTIONAL_SECTIONS = {"attention", "adapters"}
+PROVENANCE = "provenance"  # written into output_dir/recipe.toml, ignored when read
+# section -> (registry kind, key naming the component); extra keys go to its factory
+COMPONENTS = {
+    "dataset": ("datasets", "name"),
+    "model": ("models", "name"),
+    "noise_scheduler": ("schedulers", "name"),
+    "optimizer": ("optimizers", "name"),
+    "lr_schedule": ("lr_schedules", "name"),
+    "sampling": ("schedulers", "scheduler"),
+    "attention": ("attention_processors", "processor"),
+    "adapters": ("adapters", "name"),
+}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: its file, its tables with defaults filled in, its resolved components."""
+
+    path: str
+    data: dict[str, Any]
+    entries: dict[str, Entry] = field(default_factory=dict)  # section (adapters.N) -> entry
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.data[section]
+
+    def kwargs(self, section: str, table: dict | None = None) -> dict[str, Any]:
+        """The keys of a component table that go to its factory."""
+        table = self.data[section] if table is None else table
+        return {k: v for k, v in table.items() if k not in SCHEMA[section.split(".")[0]]}
+
+    def where(self, section: str) -> str:
+        """How messages name a section of this recipe."""
+        return f"{self.path}: [{section}]"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value parsed as TOML, or the raw text if it is not TOML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise DifftoolError(f"--set '{text}': expected SECTION.KEY=VALUE, e.g. --set run.max_steps=20")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def read(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The recipe file's tables with the --set overrides applied."""
+    file = Path(path)
+    if not file.is_file():
+        raise DifftoolError(f"recipe file not found: {path} (recipes/ holds examples, e.g. recipes/quickstart.toml)")
+    try:
+        data = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise DifftoolError(f"{path}: invalid TOML: {exc}") from exc
+    for text in overrides:
+        keys, value = parse_override(text)
+        table = data
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise DifftoolError(f"--set '{text}': '{key}' is not a table")
+        table[keys[-1]] = value
+    return data
+
+
+def check_value(section: str, key: str, value: Any, spec: tuple) -> str | None:
+    """A problem with one engine key's value, or None."""
+    kind, _, constraint = spec
+    type_ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        type_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not type_ok:
+        return f"[{section}] {key} = {value!r} must be a {kind.__name__}"
+    if isinstance(constraint, tuple) and value not in constraint:
+        return f"[{section}] {key} = {value!r} must be one of {', '.join(map(repr, constraint))}{suggest(str(value), constraint)}"
+    if constraint == POSITIVE and value < 1 or constraint == NON_NEGATIVE and value < 0:
+        return f"[{section}] {key} = {value!r} must be {constraint}"
+    return None
+
+
+def fill_section(section: str, table: Any, problems: list[str]) -> dict[str, Any]:
+    """The table with defaults added, its engine keys' types and values checked."""
+    if not isinstance(table, dict):
+        problems.append(f"[{section}] must be a table, not {type(table).__name__}")
+        return {}
+    filled = dict(table)
+    schema = SCHEMA[section.split(".")[0]]
+    if section not in COMPONENTS:  # component sections' other keys are checked by their factory
+        problems += [f"[{section}] unknown key '{k}'{suggest(k, schema)}" for k in table if k not in schema]
+    for key, spec in schema.items():
+        if key not in table:
+            if spec[1] is REQUIRED:
+                problems.append(f"[{section}] missing required key '{key}'")
+            else:
+                filled[key] = spec[1]
+        elif table[key] is not None or spec[1] is not None:
+            problem = check_value(section, key, table[key], spec)
+            if problem:
+                problems.append(problem)
+    return filled
+
+
+def validate(data: dict[str, Any], path: str) -> Recipe:
+    """Check every section and key, fill defaults and resolve every named component."""
+    from difftool.plugins import registry
+
+    problems: list[str] = []
+    known = [*SCHEMA, PROVENANCE]
+    for section in data:
+        if section not in known:
+            problems.append(f"unknown section [{section}]{suggest(section, known)}")
+    filled: dict[str, Any] = {}
+    for section in SCHEMA:
+        if section == "adapters":
+            adapters = data.get(section, [])
+            if not isinstance(adapters, list):
+                problems.append("[[adapters]] must be an array of tables ([[adapters]] name = ...)")
+                adapters = []
+            filled[section] = [fill_section(f"adapters.{i}", t, problems) for i, t in enumerate(adapters)]
+        elif section not in OPTIONAL_SECTIONS or section in data:
+            filled[section] = fill_section(section, data.get(section, {}), problems)
+    sampling = filled["sampling"]
+    if sampling.get("scheduler") is None:
+        sampling["scheduler"] = filled["noise_scheduler"].get("name")
+    recipe = Recipe(path, filled)
+    for section, table in component_tables(recipe):
+        kind, name_key = COMPONENTS[section.split(".")[0]]
+        if not isinstance(table.get(name_key), str):
+            continue
+        try:
+            entry = registry(kind).get(table[name_key])
+            entry.check(list(recipe.kwargs(section, table)), f"[{section}]", also=SCHEMA[section.split(".")[0]])
+            recipe.entries[section] = entry
+        except DifftoolError as exc:
+            message = str(exc)
+            problems.append(message if message.startswith("[") else f"[{section}] {message}")
+    problems += check_param_groups(recipe)
+    if problems:
+        head = f"{path}: " + ("" if len(problems) == 1 else f"{len(problems)} problems:\n  - ")
+        raise DifftoolError(head + "\n  - ".join(problems))
+    return recipe
+
+
+def component_tables(recipe: Recipe):
+    """(section, table) for every table that names a component."""
+    for section in COMPONENTS:
+        if section == "adapters":
+            yield from ((f"adapters.{i}", t) for i, t in enumerate(recipe.data["adapters"]))
+        elif section in recipe.data:
+            yield section, recipe.data[section]
+
+
+def check_param_groups(recipe: Recipe) -> list[str]:
+    """Each [[optimizer.param_groups]] needs `modules` and keys the optimizer accepts."""
+    problems = []
+    entry = recipe.entries.get("optimizer")
+    for i, group in enumerate(recipe["optimizer"].get("param_groups") or []):
+        where = f"[[optimizer.param_groups]] #{i + 1}"
+        if not isinstance(group, dict) or not isinstance(group.get("modules"), (str, list)):
+            problems.append(f"{where} needs modules = \"pattern\" (e.g. \"down_blocks.*\") or a list of patterns")
+            continue
+        if entry is not None:
+            try:
+                entry.check([k for k in group if k != "modules"], where)
+            except DifftoolError as exc:
+                problems.append(str(exc))
+    return problems
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    return validate(read(path, overrides), str(path))
+
+
+def dump(recipe: Recipe, provenance: dict[str, Any]) -> str:
+    """The resolved recipe as TOML, with a [provenance] table of versions."""
+    import tomli_w
+
+    def clean(table: dict) -> dict:  # engine keys first, unset (None) ones left out
+        return {k: v for k, v in sorted(table.items(), key=lambda kv: kv[0] not in SCHEMA[section]) if v is not None}
+
+    data = {}
+    for section, tables in recipe.data.items():
+        if section == "adapters":
+            if tables:
+                data[section] = [clean(t) for t in tables]
+        else:
+            data[section] = clean(tables)
+    return tomli_w.dumps({**data, PROVENANCE: provenance})
