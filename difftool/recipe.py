@@ -143,7 +143,7 @@ def fill_section(section: str, table: Any, problems: list[str]) -> dict[str, Any
         return {}
     filled = dict(table)
     schema = SCHEMA[section.split(".")[0]]
-    if section not in COMPONENTS:  # component sections' other keys are checked by their factory
+    if section.split(".")[0] not in COMPONENTS:  # component sections' other keys are checked by their factory
         problems += [f"[{section}] unknown key '{k}'{suggest(k, schema)}" for k in table if k not in schema]
     for key, spec in schema.items():
         if key not in table:

@@ -57,6 +57,14 @@ num_images = 4
 
 
 @pytest.fixture
+def butterflies() -> Path:
+    """The 64 real butterfly images in shared/data; skips where they are absent."""
+    if not BUTTERFLIES.is_dir():
+        pytest.skip("shared/data/smithsonian-butterflies-64 is not on this machine")
+    return BUTTERFLIES
+
+
+@pytest.fixture
 def tiny_recipe(tmp_path):
     """Write the tiny recipe (plus extra TOML) to a file; returns its path."""
 
