@@ -101,6 +101,7 @@ def plugins(ctx: typer.Context) -> None:
             counts.setdefault(entry.plugin, {}).setdefault(kind, 0)
             counts[entry.plugin][kind] += 1
     table = Table("plugin", "version", "hooks", "components")
+    table.columns[2].no_wrap = True
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         registered = ", ".join(f"{n} {k}" for k, n in counts.get(name, {}).items())

@@ -17,6 +17,7 @@ from difftool.registry import Entry, suggest
 
 REQUIRED = object()
 POSITIVE, NON_NEGATIVE = "a positive integer", "zero or a positive integer"
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 
 # section -> key -> (type, default, constraint); `name`-like keys pick the component.
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -82,11 +83,16 @@ class Recipe:
     def kwargs(self, section: str, table: dict | None = None) -> dict[str, Any]:
         """The keys of a component table that go to its factory."""
         table = self.data[section] if table is None else table
-        return {k: v for k, v in table.items() if k not in SCHEMA[section.split(".")[0]]}
+        return {k: v for k, v in table.items() if k not in SCHEMA[base(section)]}
 
     def where(self, section: str) -> str:
         """How messages name a section of this recipe."""
         return f"{self.path}: [{section}]"
+
+
+def base(section: str) -> str:
+    """The schema section of a table name: 'adapters.0' -> 'adapters'."""
+    return section.split(".")[0]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -128,7 +134,7 @@ def check_value(section: str, key: str, value: Any, spec: tuple) -> str | None:
     if kind is float:
         type_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not type_ok:
-        return f"[{section}] {key} = {value!r} must be a {kind.__name__}"
+        return f"[{section}] {key} = {value!r} must be {TYPE_NAMES[kind]}"
     if isinstance(constraint, tuple) and value not in constraint:
         return f"[{section}] {key} = {value!r} must be one of {', '.join(map(repr, constraint))}{suggest(str(value), constraint)}"
     if constraint == POSITIVE and value < 1 or constraint == NON_NEGATIVE and value < 0:
@@ -142,8 +148,8 @@ def fill_section(section: str, table: Any, problems: list[str]) -> dict[str, Any
         problems.append(f"[{section}] must be a table, not {type(table).__name__}")
         return {}
     filled = dict(table)
-    schema = SCHEMA[section.split(".")[0]]
-    if section.split(".")[0] not in COMPONENTS:  # component sections' other keys are checked by their factory
+    schema = SCHEMA[base(section)]
+    if base(section) not in COMPONENTS:  # component sections' other keys are checked by their factory
         problems += [f"[{section}] unknown key '{k}'{suggest(k, schema)}" for k in table if k not in schema]
     for key, spec in schema.items():
         if key not in table:
@@ -151,10 +157,8 @@ def fill_section(section: str, table: Any, problems: list[str]) -> dict[str, Any
                 problems.append(f"[{section}] missing required key '{key}'")
             else:
                 filled[key] = spec[1]
-        elif table[key] is not None or spec[1] is not None:
-            problem = check_value(section, key, table[key], spec)
-            if problem:
-                problems.append(problem)
+        elif problem := check_value(section, key, table[key], spec):
+            problems.append(problem)
     return filled
 
 
@@ -182,12 +186,12 @@ def validate(data: dict[str, Any], path: str) -> Recipe:
         sampling["scheduler"] = filled["noise_scheduler"].get("name")
     recipe = Recipe(path, filled)
     for section, table in component_tables(recipe):
-        kind, name_key = COMPONENTS[section.split(".")[0]]
+        kind, name_key = COMPONENTS[base(section)]
         if not isinstance(table.get(name_key), str):
             continue
         try:
             entry = registry(kind).get(table[name_key])
-            entry.check(list(recipe.kwargs(section, table)), f"[{section}]", also=SCHEMA[section.split(".")[0]])
+            entry.check(list(recipe.kwargs(section, table)), f"[{section}]", also=SCHEMA[base(section)])
             recipe.entries[section] = entry
         except DifftoolError as exc:
             message = str(exc)

@@ -34,6 +34,14 @@ def test_hookimpl_is_exported_and_every_kind_has_a_hook():
     }
 
 
+def test_every_hook_is_documented_in_the_plugin_guide():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for kind in KINDS:
+        assert f"`register_{kind}`" in readme
+
+
 def test_in_process_plugin_registers_and_builtins_keep_their_names(plugin):
     plugin(SchedulerPlugin(), "myplugin")
     assert registry("schedulers").get("ddpm-alias").plugin == "myplugin"

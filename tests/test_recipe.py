@@ -47,8 +47,8 @@ def test_sampling_scheduler_defaults_to_the_noise_scheduler(tiny_recipe):
 @pytest.mark.parametrize("override, expected", [
     ("run.num_epoch=3", "[run] unknown key 'num_epoch'; did you mean 'num_epochs'?"),
     ("trian.seed=1", "unknown section [trian]"),
-    ("run.seed=\"zero\"", "[run] seed = 'zero' must be a int"),
-    ("run.seed=true", "[run] seed = True must be a int"),
+    ("run.seed=\"zero\"", "[run] seed = 'zero' must be an integer"),
+    ("run.seed=true", "[run] seed = True must be an integer"),
     ("dataset.batch_size=0", "[dataset] batch_size = 0 must be a positive integer"),
     ("run.mixed_precision=\"fp8\"", "[run] mixed_precision = 'fp8' must be one of 'no', 'fp16', 'bf16'"),
     ("noise_scheduler.name=\"ddmp\"", "[noise_scheduler] unknown scheduler 'ddmp'; did you mean 'ddpm'"),
