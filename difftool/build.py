@@ -78,27 +78,72 @@ def sampling_scheduler(recipe: Recipe, training_scheduler):
                    recipe.kwargs("sampling"), recipe.where("sampling"))
 
 
-def dataloader(recipe: Recipe):
-    """A shuffling DataLoader over the preprocessed dataset."""
+def rows(recipe: Recipe, kwargs: dict):
+    """The dataset factory's rows, checked to be non-empty and to have an `image` column."""
+    name, where = recipe["dataset"]["name"], recipe.where("dataset")
+    built = recipe.entries["dataset"].build(kwargs, where)
+    if len(built) == 0:
+        raise DifftoolError(f"{where} dataset '{name}' is empty")
+    if "image" not in built[0]:
+        raise DifftoolError(f"{where} dataset '{name}' rows have no 'image' column (they have {list(built[0])})")
+    return built
+
+
+def datasets(recipe: Recipe):
+    """(training rows, held-out rows or None): [validation] takes a split or a seeded fraction."""
     import torch
 
-    from difftool.data import ImageDataset
+    training = rows(recipe, recipe.kwargs("dataset"))
+    validation = recipe["validation"]
+    if not validation["every_n_steps"]:
+        return training, None
+    if validation["split"]:
+        params, open_ended = recipe.entries["dataset"].parameters()
+        if "split" not in params and not open_ended:
+            raise DifftoolError(
+                f"{recipe.where('validation')} split = '{validation['split']}' needs a dataset that has "
+                f"splits, and '{recipe['dataset']['name']}' has none; hold out a fraction instead"
+            )
+        return training, rows(recipe, {**recipe.kwargs("dataset"), "split": validation["split"]})
+    held_out = max(1, round(len(training) * validation["fraction"]))
+    if not validation["fraction"] or held_out >= len(training):
+        raise DifftoolError(f"{recipe.where('validation')} fraction = {validation['fraction']} leaves no "
+                            f"training or no validation images out of {len(training)}; use e.g. 0.1")
+    order = torch.randperm(len(training), generator=torch.Generator().manual_seed(recipe["run"]["seed"])).tolist()
+    subset = torch.utils.data.Subset
+    return subset(training, order[held_out:]), subset(training, order[:held_out])
 
-    table = recipe["dataset"]
-    rows = recipe.entries["dataset"].build(recipe.kwargs("dataset"), recipe.where("dataset"))
-    if len(rows) == 0:
-        raise DifftoolError(f"{recipe.where('dataset')} dataset '{table['name']}' is empty")
-    if "image" not in rows[0]:
-        raise DifftoolError(
-            f"{recipe.where('dataset')} dataset '{table['name']}' rows have no 'image' column "
-            f"(they have {list(rows[0])})"
-        )
+
+def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True):
+    """A DataLoader over preprocessed rows, shuffled anew each epoch from (seed, epoch)."""
+    import torch
+
+    from difftool.data import EpochShuffle, ImageDataset
+
+    table, seed = recipe["dataset"], recipe["run"]["seed"]
     workers = table["num_workers"]
     return torch.utils.data.DataLoader(
-        ImageDataset(rows, table["image_size"], table["random_flip"]),
-        batch_size=table["batch_size"], shuffle=True, num_workers=workers,
-        persistent_workers=workers > 0,
+        ImageDataset(dataset_rows, table["image_size"]),
+        batch_size=table["batch_size"], num_workers=workers, persistent_workers=workers > 0,
+        sampler=EpochShuffle(len(dataset_rows), seed) if shuffle else None,
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG out of it
     )
+
+
+def component(recipe: Recipe, section: str):
+    """The object a component section's factory returns (loss weighting, timestep sampler, ...)."""
+    return recipe.entries[section].build(recipe.kwargs(section), recipe.where(section))
+
+
+def ema(recipe: Recipe, built):
+    """The EMA of the model's weights, or None when [ema] is not enabled."""
+    from difftool.ema import EMA
+
+    table = recipe["ema"]
+    if not table["enabled"]:
+        return None
+    return EMA(built, decay=table["decay"], inv_gamma=table["inv_gamma"], power=table["power"],
+               warmup=table["warmup"], update_every=table["update_every"], on_cpu=table["on_cpu"])
 
 
 def optimizer(recipe: Recipe, built):

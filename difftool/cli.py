@@ -39,12 +39,16 @@ def main_options(
 
 
 @app.command()
-def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def run(
+    recipe: Path,
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    force: bool = typer.Option(False, help="Resume from a checkpoint even if the recipe changed its model, data or optimizer."),
+) -> None:
     """Train from a recipe."""
     from difftool import recipe as recipes
     from difftool.engine import train
 
-    output_dir = train(recipes.load(recipe, set_))
+    output_dir = train(recipes.load(recipe, set_), force=force)
     console.print(f"[green]done[/]: pipeline and samples in {output_dir}")
 
 

@@ -9,16 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from difftool import __version__, build, files
+from difftool import __version__, build, checkpoints, files, objective
+from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
+from difftool.plugins import pm
 from difftool.recipe import Recipe, dump
 from difftool.sampling import generate, grid
+from difftool.state import TrainState
 
 console = Console(stderr=True)
 
@@ -35,11 +37,73 @@ class Plan:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def train(recipe: Recipe) -> Path:
+@dataclass
+class Parts:
+    """The recipe's built components that the loop uses besides those in TrainState."""
+
+    noise_scheduler: object
+    sampler: object
+    loss_weighting: object
+    timestep_sampler: object
+    loader: object
+    validation: object  # a DataLoader of held-out images, or None
+
+
+def train(recipe: Recipe, force: bool = False) -> Path:
     """Train as the recipe says; returns the output folder holding the saved pipeline."""
     run = recipe["run"]
     output_dir = Path(run["output_dir"])
-    files.prepare_output_dir(output_dir, run["overwrite_output_dir"], recipe.path)
+    resume = checkpoints.resume_path(recipe)
+    files.prepare_output_dir(output_dir, run["overwrite_output_dir"] or resume is not None, recipe.path)
+    accelerator = make_accelerator(run, output_dir)
+    set_seed(run["seed"])
+
+    model = build.model(recipe)
+    noise_scheduler = build.noise_scheduler(recipe)
+    train_rows, validation_rows = build.datasets(recipe)
+    parts = Parts(
+        noise_scheduler=noise_scheduler,
+        sampler=build.sampling_scheduler(recipe, noise_scheduler),
+        loss_weighting=build.component(recipe, "loss_weighting"),
+        timestep_sampler=build.component(recipe, "timestep_sampler"),
+        loader=accelerator.prepare(build.dataloader(recipe, train_rows)),
+        validation=None if validation_rows is None else build.dataloader(recipe, validation_rows),
+    )
+    optimizer = build.optimizer(recipe, model)
+    plan = make_plan(recipe, len(parts.loader))
+    lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
+    ema = build.ema(recipe, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState(recipe, accelerator, model, optimizer, lr_schedule, output_dir, ema)
+    checkpoints.save_only_trainable(accelerator)
+    for stateful in (lr_schedule, state, ema):
+        if stateful is not None:
+            accelerator.register_for_checkpointing(stateful)
+    if resume is not None:
+        checkpoints.check_unchanged(resume, recipe, force)
+        accelerator.load_state(str(resume))
+        if accelerator.is_main_process:
+            checkpoints.prune(output_dir, run["checkpoints_total_limit"])
+            console.print(f"resumed from {resume} at step {state.global_step}")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        files.write_text(output_dir / "recipe.toml", dump(recipe, provenance(recipe)))
+        accelerator.init_trackers("difftool")
+    try:
+        pm.hook.on_train_start(state=state)
+        loop(state, parts, plan)
+        pm.hook.on_train_end(state=state)
+    except KeyboardInterrupt:
+        kept = "the last saved pipeline, checkpoints and samples" if (output_dir / files.FINISHED_MARKER).exists() else "the checkpoints and samples saved so far"
+        raise Interrupted(f"interrupted at step {state.global_step}; {output_dir} keeps {kept}, each complete") from None
+    finally:
+        accelerator.end_training()
+    return output_dir
+
+
+def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
+    """The Accelerator of the tutorial, with the recipe's precision, accumulation and tracker."""
     accelerator = Accelerator(
         # on a machine without CUDA, accelerate sets up gloo for `accelerate launch
         # --multi_gpu --num_processes N` only when told to use the CPU
@@ -52,29 +116,7 @@ def train(recipe: Recipe) -> Path:
     if run["mixed_precision"] == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
         console.print("[yellow]mixed_precision = 'fp16' needs a GPU; on this CPU the run is fp32 "
                       "(set run.mixed_precision = 'bf16' for CPU mixed precision)[/]")
-    set_seed(run["seed"])
-
-    model = build.model(recipe)
-    noise_scheduler = build.noise_scheduler(recipe)
-    sampler = build.sampling_scheduler(recipe, noise_scheduler)
-    optimizer = build.optimizer(recipe, model)
-    loader = accelerator.prepare(build.dataloader(recipe))
-    plan = make_plan(recipe, len(loader))
-    lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(output_dir / "recipe.toml", dump(recipe, provenance(recipe)))
-        accelerator.init_trackers("difftool")
-    try:
-        loop(recipe, accelerator, model, noise_scheduler, sampler, optimizer, lr_schedule, loader, plan)
-    except KeyboardInterrupt:
-        kept = "the last saved pipeline and samples" if (output_dir / files.FINISHED_MARKER).exists() else "the samples saved so far"
-        raise Interrupted(f"interrupted; {output_dir} keeps {kept}, each complete") from None
-    finally:
-        accelerator.end_training()
-    return output_dir
+    return accelerator
 
 
 def make_plan(recipe: Recipe, batches_per_epoch: int) -> Plan:
@@ -85,90 +127,197 @@ def make_plan(recipe: Recipe, batches_per_epoch: int) -> Plan:
     return Plan(per_epoch, min(total, run["max_steps"] or total))
 
 
-def loop(recipe, accelerator, model, noise_scheduler, sampler, optimizer, lr_schedule, loader, plan) -> None:
-    """The tutorial's loop: noise, predict, MSE, backward, clip, step; samples and saves per epoch."""
-    run = recipe["run"]
-    prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    images_per_step = recipe["dataset"]["batch_size"] * run["gradient_accumulation_steps"] * accelerator.num_processes
-    global_step, losses = 0, []
+def loop(state: TrainState, parts: Parts, plan: Plan) -> None:
+    """Epochs of steps, resuming mid-epoch where a checkpoint left off; samples and saves per epoch."""
+    accelerator, run = state.accelerator, state.recipe["run"]
+    images_per_step = state.recipe["dataset"]["batch_size"] * run["gradient_accumulation_steps"] * accelerator.num_processes
     with progress_bar(accelerator) as progress:
-        task = progress.add_task("train", total=plan.total_steps, epoch=0, loss=float("nan"), lr=0.0, speed=0.0)
-        for epoch in range(plan.num_epochs):
-            model.train()
-            started, epoch_steps = time.perf_counter(), 0
-            for batch in loader:
-                clean = batch["images"]
-                noise = torch.randn_like(clean)
-                timesteps = torch.randint(0, num_train_timesteps, (clean.shape[0],), device=clean.device, dtype=torch.int64)
-                noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-                with accelerator.accumulate(model):
-                    prediction = model(noisy, timesteps, return_dict=False)[0]
-                    loss = F.mse_loss(prediction.float(), target(noise_scheduler, prediction_type, clean, noise, timesteps))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and run["max_grad_norm"]:
-                        accelerator.clip_grad_norm_(model.parameters(), run["max_grad_norm"])
-                    optimizer.step()
-                    optimizer.zero_grad()
-                losses.append(loss.detach().item())
-                if not accelerator.sync_gradients:
-                    continue
-                lr_schedule.step()
-                global_step += 1
-                epoch_steps += 1
-                logs = {"loss": sum(losses) / len(losses), "lr": lr_schedule.get_last_lr()[0], "step": global_step}
-                losses.clear()
-                accelerator.log(logs, step=global_step)
-                speed = epoch_steps * images_per_step / (time.perf_counter() - started)
-                progress.update(task, advance=1, epoch=epoch, loss=logs["loss"], lr=logs["lr"], speed=speed)
-                if global_step >= plan.total_steps:
-                    break
-            end_of_epoch(recipe, accelerator, model, noise_scheduler, sampler, epoch,
-                         last=global_step >= plan.total_steps)
-            if global_step >= plan.total_steps:
+        task = progress.add_task("train", total=plan.total_steps, completed=state.global_step,
+                                 epoch=state.epoch, loss=state.loss, lr=state.lr_schedule.get_last_lr()[0], speed=0.0)
+        while state.epoch < plan.num_epochs:
+            if state.global_step < plan.total_steps:
+                parts.loader.set_epoch(state.epoch)
+                batches = parts.loader
+                if state.batches_done:  # a resumed run picks up mid-epoch
+                    batches = accelerator.skip_first_batches(parts.loader, state.batches_done)
+                    batches.set_epoch(state.epoch)
+                started, steps = time.perf_counter(), 0
+                for batch in batches:
+                    if not train_step(state, parts, batch["images"]):
+                        continue
+                    steps += 1
+                    speed = steps * images_per_step / (time.perf_counter() - started)
+                    progress.update(task, completed=state.global_step, epoch=state.epoch, loss=state.loss,
+                                    lr=state.lr_schedule.get_last_lr()[0], speed=speed)
+                    after_step(state, parts)
+                    if state.global_step >= plan.total_steps:
+                        break
+            last = state.global_step >= plan.total_steps
+            end_of_epoch(state, parts, last)
+            state.epoch, state.batches_done = state.epoch + 1, 0
+            if last:
                 break
 
 
-def target(noise_scheduler, prediction_type: str, clean, noise, timesteps):
-    """What the model learns to predict: the noise, the velocity or the clean image."""
-    if prediction_type == "epsilon":
-        return noise.float()
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(clean, noise, timesteps).float()
-    if prediction_type == "sample":
-        return clean.float()
-    raise DifftoolError(f"[noise_scheduler] prediction_type = '{prediction_type}' is not one of epsilon, v_prediction, sample")
+def train_step(state: TrainState, parts: Parts, clean: torch.Tensor) -> bool:
+    """One micro-batch; returns True when it completed an optimizer step (skipped ones included)."""
+    accelerator, model, run = state.accelerator, state.model, state.recipe["run"]
+    settings = state.recipe["objective"]
+    state.batches_done += 1
+    if state.recipe["dataset"]["random_flip"]:
+        clean = random_flip(clean)
+    scheduler = parts.noise_scheduler
+    timesteps = parts.timestep_sampler(clean.shape[0], scheduler.config.num_train_timesteps, clean.device)
+    noise, noisy = objective.add_noise(scheduler, clean, timesteps, settings["noise_offset"])
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    with accelerator.accumulate(model):
+        prediction = model(noisy, timesteps, return_dict=False)[0]
+        wanted = objective.target(scheduler, prediction_type, clean, noise, timesteps)
+        weights = parts.loss_weighting(timesteps, scheduler, prediction_type)
+        loss = objective.loss(prediction, wanted, settings["loss"], settings["huber_delta"], weights)
+        if finite_everywhere(accelerator, loss):
+            accelerator.backward(loss)
+            state.window_losses.append(loss.detach().item())
+        else:
+            state.window_nonfinite = True
+        if not accelerator.sync_gradients:
+            return False
+        if state.window_nonfinite:
+            state.optimizer.zero_grad()
+            return step_skipped(state)
+        if run["max_grad_norm"]:
+            accelerator.clip_grad_norm_(model.parameters(), run["max_grad_norm"])
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        return step_taken(state)
 
 
-def end_of_epoch(recipe, accelerator, model, noise_scheduler, sampler, epoch: int, last: bool) -> None:
-    """Save a sample grid and the pipeline when the recipe's epoch intervals (or the end) say so."""
-    run = recipe["run"]
+def finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite in every process (so that all of them skip a step together)."""
+    nonfinite = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        nonfinite = accelerator.reduce(nonfinite, "sum")
+    return nonfinite.item() == 0
+
+
+def step_taken(state: TrainState) -> bool:
+    """Bookkeeping after an optimizer step: LR, counters, EMA, logs."""
+    state.lr_schedule.step()
+    state.global_step += 1
+    state.nonfinite_in_a_row = 0
+    state.loss = sum(state.window_losses) / len(state.window_losses)
+    state.window_losses = []
+    if state.ema is not None:
+        state.ema.update(state.accelerator.unwrap_model(state.model), state.global_step)
+    state.accelerator.log({"loss": state.loss, "lr": state.lr_schedule.get_last_lr()[0], "step": state.global_step,
+                           "nonfinite_steps": state.nonfinite_total}, step=state.global_step)
+    return True
+
+
+def step_skipped(state: TrainState) -> bool:
+    """A window whose loss was NaN/Inf: no update, counted, logged; too many in a row stops."""
+    state.window_losses, state.window_nonfinite = [], False
+    state.nonfinite_in_a_row += 1
+    state.nonfinite_total += 1
+    state.accelerator.log({"nonfinite_steps": state.nonfinite_total}, step=state.global_step)
+    console.print(f"[yellow]non-finite loss at step {state.global_step + 1}: update skipped[/]")
+    limit = state.recipe["run"]["max_nonfinite_steps"]
+    if state.nonfinite_in_a_row >= limit:
+        found = checkpoints.complete(state.output_dir)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+        raise DifftoolError(
+            f"{limit} optimizer steps in a row had a non-finite loss (NaN/Inf), so the run stopped at "
+            f"step {state.global_step}; {kept}. Lower the learning rate, check the data, or use "
+            "mixed_precision = 'bf16' instead of 'fp16'"
+        )
+    return False
+
+
+def after_step(state: TrainState, parts: Parts) -> None:
+    """Hooks, validation and checkpoints at their step intervals."""
+    run, validation = state.recipe["run"], state.recipe["validation"]
+    pm.hook.on_step_end(state=state)
+    if parts.validation is not None and validation["every_n_steps"] and state.global_step % validation["every_n_steps"] == 0:
+        validate(state, parts)
+    if run["checkpointing_steps"] and state.global_step % run["checkpointing_steps"] == 0:
+        path = checkpoints.save(state.accelerator, state.output_dir, state.global_step,
+                                dump(state.recipe, provenance(state.recipe)), run["checkpoints_total_limit"])
+        pm.hook.on_checkpoint(state=state, path=path)
+
+
+def validate(state: TrainState, parts: Parts) -> None:
+    """Mean loss over the first num_batches held-out batches, with noise and timesteps fixed by
+    the batch index, so every evaluation measures the same thing."""
+    accelerator, settings = state.accelerator, state.recipe["objective"]
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(model)
-        if (epoch + 1) % run["save_image_epochs"] == 0 or last:
-            save_samples(recipe, accelerator, unet, sampler, epoch)
-        if (epoch + 1) % run["save_model_epochs"] == 0 or last:
-            from diffusers import DDPMPipeline
-
-            files.save_pipeline(DDPMPipeline(unet=unet, scheduler=noise_scheduler), Path(run["output_dir"]))
+        model = accelerator.unwrap_model(state.model)
+        scheduler = parts.noise_scheduler
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        model.eval()
+        losses = []
+        with torch.no_grad(), accelerator.autocast():
+            for index, batch in zip(range(state.recipe["validation"]["num_batches"]), parts.validation):
+                clean = batch["images"].to(accelerator.device)
+                generator = torch.Generator().manual_seed(index)
+                noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(clean.device)
+                prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps, return_dict=False)[0]
+                wanted = objective.target(scheduler, prediction_type, clean, noise, timesteps)
+                losses.append(objective.loss(prediction, wanted, settings["loss"], settings["huber_delta"], None).item())
+        model.train()
+        state.val_loss = sum(losses) / len(losses)
+        accelerator.log({"val_loss": state.val_loss}, step=state.global_step)
     accelerator.wait_for_everyone()
 
 
-def save_samples(recipe, accelerator, unet, sampler, epoch: int) -> None:
-    """A grid of [sampling] images, at output_dir/samples/{epoch:04d}.png."""
-    sampling, run = recipe["sampling"], recipe["run"]
+def end_of_epoch(state: TrainState, parts: Parts, last: bool) -> None:
+    """Save a sample grid and the pipeline (EMA weights if enabled) at the recipe's epoch intervals."""
+    accelerator, run, epoch = state.accelerator, state.recipe["run"], state.epoch
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(state.model)
+        if (epoch + 1) % run["save_image_epochs"] == 0 or last:
+            with weights_for_output(state, unet):
+                images = sample_images(state, unet, parts.sampler)
+            files.save_image(grid(images), state.output_dir / "samples" / f"{epoch:04d}.png")
+            pm.hook.on_samples(state=state, images=images)
+        if (epoch + 1) % run["save_model_epochs"] == 0 or last:
+            files.publish(lambda folder: write_pipeline(state, unet, parts.noise_scheduler, folder), state.output_dir)
+    accelerator.wait_for_everyone()
+
+
+def write_pipeline(state: TrainState, unet, noise_scheduler, folder: Path) -> None:
+    """DDPMPipeline(unet, scheduler).save_pretrained, with EMA weights (and the raw ones in
+    unet_raw/) when [ema] is enabled."""
+    from diffusers import DDPMPipeline
+
+    if state.ema is not None:
+        unet.save_pretrained(folder / "unet_raw")
+    with weights_for_output(state, unet):
+        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(folder)
+
+
+def weights_for_output(state: TrainState, unet):
+    """The EMA weights swapped into `unet` when [ema] is enabled, else the weights as they are."""
+    import contextlib
+
+    return state.ema.swapped_in(unet) if state.ema is not None else contextlib.nullcontext(unet)
+
+
+def sample_images(state: TrainState, unet, sampler) -> list:
+    """The [sampling] images from the current weights."""
+    sampling, run = state.recipe["sampling"], state.recipe["run"]
     unet.eval()
     images = generate(
         unet, sampler,
         num_images=sampling["num_images"],
         num_inference_steps=sampling["num_inference_steps"] or sampler.config.num_train_timesteps,
         seed=run["seed"] if sampling["seed"] is None else sampling["seed"],
-        image_size=recipe["dataset"]["image_size"],
-        device=accelerator.device,
-        autocast=accelerator.autocast,
+        image_size=state.recipe["dataset"]["image_size"],
+        device=state.accelerator.device,
+        autocast=state.accelerator.autocast,
     )
     unet.train()
-    files.save_image(grid(images), Path(run["output_dir"]) / "samples" / f"{epoch:04d}.png")
+    return images
 
 
 def provenance(recipe: Recipe) -> dict:

@@ -32,28 +32,35 @@ def save_image(image, path: Path) -> None:
             os.unlink(tmp)
 
 
-def save_pipeline(pipeline, output_dir: Path) -> None:
-    """`pipeline.save_pretrained` into a temp folder, then swap each item into `output_dir`.
+def publish(write, output_dir: Path) -> None:
+    """Call `write(folder)` on a temp folder, then swap each item it wrote into `output_dir`.
 
-    The marker file (model_index.json) moves last, so a folder that has it is complete.
+    The marker (model_index.json) moves last, so a folder that has it is complete.
     """
     for stale in output_dir.glob(".saving-*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".saving-"))
     try:
-        pipeline.save_pretrained(staging)
-        names = sorted(os.listdir(staging), key=lambda n: n == FINISHED_MARKER)
-        for name in names:
-            target = output_dir / name
-            if target.is_dir():
-                old = staging / f".old-{name}"
-                os.replace(target, old)
-                os.replace(staging / name, target)
-                shutil.rmtree(old)
+        write(staging)
+        for name in sorted(os.listdir(staging), key=lambda n: n == FINISHED_MARKER):
+            if (staging / name).is_dir():
+                replace_dir(staging / name, output_dir / name)
             else:
-                os.replace(staging / name, target)
+                os.replace(staging / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move folder `new` to `target`, replacing any folder there (renamed aside, then deleted)."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, recipe_path: str) -> None:

@@ -1,6 +1,7 @@
-"""The plugin contract: one hook per component kind, each given a `register` callback.
+"""The plugin contract: one hook per component kind, each given a `register` callback, and
+training hooks that observe or extend a run.
 
-A plugin implements any of these with `@difftool.hookimpl` and calls
+A plugin implements any of these with `@difftool.hookimpl`. In a registration hook it calls
 `register(name, factory, description=None)` once per component. `factory` is a callable,
 or a lazy "package.module:attribute" string imported on first use (keeps `difftool list`
 fast). The engine calls the factory with the keys of the recipe table that named it
@@ -60,3 +61,47 @@ def register_attention_processors(register):
 def register_adapters(register):
     """Register adapters. Factory context: `model`. Adds trainable weights to the model
     (e.g. `model.add_adapter(...)`), freezes what should stay frozen, returns the model."""
+
+
+@hookspec
+def register_loss_weightings(register):
+    """Register loss weightings. Factory context: none. Returns a callable
+    `(timesteps, noise_scheduler, prediction_type) -> weights` giving one weight per sample
+    (a tensor of shape (batch,)), or None for equal weights."""
+
+
+@hookspec
+def register_timestep_samplers(register):
+    """Register timestep samplers. Factory context: none. Returns a callable
+    `(batch_size, num_train_timesteps, device) -> timesteps` (an int64 tensor drawn with
+    torch's global RNG, so resumed runs draw the same ones)."""
+
+
+# Training hooks. `state` is a difftool.state.TrainState: accelerator, model, optimizer,
+# lr_schedule, recipe, output_dir, global_step, epoch, loss (the last optimizer step's), ...
+# They run in every process; check `state.accelerator.is_main_process` before writing files.
+
+
+@hookspec
+def on_train_start(state):
+    """Called once the components are built (and a checkpoint restored), before the first step."""
+
+
+@hookspec
+def on_step_end(state):
+    """Called after every optimizer step, with `state.loss` and `state.global_step` updated."""
+
+
+@hookspec
+def on_checkpoint(state, path):
+    """Called after a checkpoint is complete at `path` (a pathlib.Path)."""
+
+
+@hookspec
+def on_samples(state, images):
+    """Called in the main process with the list of PIL images of each sample grid."""
+
+
+@hookspec
+def on_train_end(state):
+    """Called once after the last step and the final save."""

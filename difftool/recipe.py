@@ -16,7 +16,7 @@ from difftool.errors import DifftoolError
 from difftool.registry import Entry, suggest
 
 REQUIRED = object()
-POSITIVE, NON_NEGATIVE = "a positive integer", "zero or a positive integer"
+POSITIVE, NON_NEGATIVE, FRACTION = "a positive integer", "zero or more", "a fraction in [0, 1)"
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 
 # section -> key -> (type, default, constraint); `name`-like keys pick the component.
@@ -33,6 +33,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "save_model_epochs": (int, 30, POSITIVE),
         "log_with": (str, "tensorboard", ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "none")),
         "overwrite_output_dir": (bool, False, None),
+        "checkpointing_steps": (int, None, POSITIVE),
+        "checkpoints_total_limit": (int, None, POSITIVE),
+        "resume_from_checkpoint": (str, None, None),
+        "max_nonfinite_steps": (int, 10, POSITIVE),
     },
     "dataset": {
         "name": (str, REQUIRED, None),
@@ -51,6 +55,28 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "num_images": (int, 16, POSITIVE),
         "seed": (int, None, None),
     },
+    "objective": {
+        "loss": (str, "mse", ("mse", "l1", "huber")),
+        "huber_delta": (float, 1.0, NON_NEGATIVE),
+        "noise_offset": (float, 0.0, NON_NEGATIVE),
+    },
+    "loss_weighting": {"name": (str, "none", None)},
+    "timestep_sampler": {"name": (str, "uniform", None)},
+    "ema": {
+        "enabled": (bool, False, None),
+        "decay": (float, 0.9999, NON_NEGATIVE),
+        "inv_gamma": (float, 1.0, NON_NEGATIVE),
+        "power": (float, 2 / 3, NON_NEGATIVE),
+        "warmup": (bool, False, None),
+        "update_every": (int, 1, POSITIVE),
+        "on_cpu": (bool, False, None),
+    },
+    "validation": {
+        "every_n_steps": (int, None, POSITIVE),
+        "num_batches": (int, 4, POSITIVE),
+        "fraction": (float, 0.1, FRACTION),
+        "split": (str, None, None),
+    },
     "attention": {"processor": (str, REQUIRED, None), "layers": (str, "*", None)},
     "adapters": {"name": (str, REQUIRED, None)},
 }
@@ -64,6 +90,8 @@ COMPONENTS = {
     "optimizer": ("optimizers", "name"),
     "lr_schedule": ("lr_schedules", "name"),
     "sampling": ("schedulers", "scheduler"),
+    "loss_weighting": ("loss_weightings", "name"),
+    "timestep_sampler": ("timestep_samplers", "name"),
     "attention": ("attention_processors", "processor"),
     "adapters": ("adapters", "name"),
 }
@@ -137,7 +165,8 @@ def check_value(section: str, key: str, value: Any, spec: tuple) -> str | None:
         return f"[{section}] {key} = {value!r} must be {TYPE_NAMES[kind]}"
     if isinstance(constraint, tuple) and value not in constraint:
         return f"[{section}] {key} = {value!r} must be one of {', '.join(map(repr, constraint))}{suggest(str(value), constraint)}"
-    if constraint == POSITIVE and value < 1 or constraint == NON_NEGATIVE and value < 0:
+    if (constraint == POSITIVE and value < 1 or constraint == NON_NEGATIVE and value < 0
+            or constraint == FRACTION and not 0 <= value < 1):
         return f"[{section}] {key} = {value!r} must be {constraint}"
     return None
 

@@ -21,6 +21,8 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "optimizers": ("optimizer", ("params",)),
     "attention_processors": ("attention processor", ("model", "layer")),
     "adapters": ("adapter", ("model",)),
+    "loss_weightings": ("loss weighting", ()),
+    "timestep_samplers": ("timestep sampler", ()),
 }
 
 

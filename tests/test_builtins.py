@@ -147,7 +147,9 @@ def test_unet2d_from_an_unreachable_hub_says_so():
 
 def test_synthetic_butterflies_dataset(tiny_recipe):
     recipe = recipes.load(tiny_recipe())
-    batch = next(iter(build.dataloader(recipe)))["images"]
+    training, validation = build.datasets(recipe)
+    assert validation is None and len(training) == 16
+    batch = next(iter(build.dataloader(recipe, training)))["images"]
     assert batch.shape == (8, 3, 32, 32)
     assert -1.0 <= batch.min() < 0 < batch.max() <= 1.0
 
@@ -156,7 +158,7 @@ def test_imagefolder_reads_the_real_butterflies(tiny_recipe, butterflies):
     path = tiny_recipe()
     path.write_text(path.read_text().replace("count = 16\nsize = 32\n", ""))
     recipe = recipes.load(path, ['dataset.name="imagefolder"', f'dataset.path="{butterflies}"'])
-    loader = build.dataloader(recipe)
+    loader = build.dataloader(recipe, build.datasets(recipe)[0])
     assert len(loader.dataset) == 64
     assert next(iter(loader))["images"].shape == (8, 3, 32, 32)
 

@@ -74,3 +74,15 @@ def register_attention_processors(register):
     register("sdpa", "diffusers.models.attention_processor:AttnProcessor2_0", "torch scaled_dot_product_attention (fused kernels)")
     register("vanilla", "diffusers.models.attention_processor:AttnProcessor", "explicit softmax(QK^T * scale) V")
     register("sliced", "diffusers.models.attention_processor:SlicedAttnProcessor", "attention in slices of `slice_size` heads, to save memory")
+
+
+@hookimpl
+def register_loss_weightings(register):
+    register("none", "difftool.builtins.objectives:no_weighting", "every sample weighs the same")
+    register("min-snr", "difftool.builtins.objectives:min_snr", "Min-SNR-gamma weighting (Hang et al. 2023)")
+
+
+@hookimpl
+def register_timestep_samplers(register):
+    register("uniform", "difftool.builtins.objectives:uniform", "timesteps uniform over the training range (the tutorial's)")
+    register("logit-normal", "difftool.builtins.objectives:logit_normal", "timesteps from a logit-normal (mean, std), favouring the middle")

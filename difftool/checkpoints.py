@@ -1,0 +1,137 @@
+"""Checkpoints: Accelerate's save_state/load_state, written atomically, pruned, checked on resume.
+
+A checkpoint is `output_dir/checkpoints/checkpoint-{global_step}/`: written to a hidden temp
+folder and renamed into place, so every folder with that name is complete. Each carries the
+resolved recipe with the versions that made it (recipe.toml).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+from difftool.errors import DifftoolError
+from difftool.files import replace_dir
+
+NAME = re.compile(r"^checkpoint-(\d+)$")
+# sections whose change makes a checkpoint a different experiment
+PROTECTED = ("dataset", "model", "noise_scheduler", "optimizer", "attention", "adapters")
+TRAINABLE_FILE = "trainable_parameters.safetensors"
+
+
+def folder(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def complete(output_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first."""
+    found = [p for p in folder(output_dir).glob("checkpoint-*") if NAME.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+
+
+def resume_path(recipe) -> Path | None:
+    """The checkpoint run.resume_from_checkpoint names ("latest": the newest, or None if none)."""
+    wanted = recipe["run"]["resume_from_checkpoint"]
+    if wanted is None:
+        return None
+    if wanted == "latest":
+        found = complete(Path(recipe["run"]["output_dir"]))
+        return found[-1] if found else None
+    path = Path(wanted)
+    if not (path / "recipe.toml").is_file():
+        raise DifftoolError(
+            f"{recipe.where('run')} resume_from_checkpoint = '{wanted}' is not a difftool checkpoint "
+            "(no recipe.toml in it); give a checkpoints/checkpoint-N folder or \"latest\""
+        )
+    return path
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """'section.key: old -> new' for every protected value that differs."""
+    def flat(data: dict) -> dict:
+        out = {}
+        for section in PROTECTED:
+            tables = data.get(section, {})
+            tables = {str(i): t for i, t in enumerate(tables)} if isinstance(tables, list) else {"": tables}
+            for prefix, table in tables.items():
+                for key, value in table.items():
+                    out[".".join(filter(None, (section, prefix, key)))] = value
+        return out
+
+    old, new = flat(saved), flat(current)
+    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def check_unchanged(path: Path, recipe, force: bool) -> None:
+    """Refuse to resume if the recipe changed the model, data or optimizer, unless forced."""
+    saved = tomllib.loads((path / "recipe.toml").read_text())
+    changes = changed_keys(saved, recipe.data)
+    if changes and not force:
+        raise DifftoolError(
+            f"{recipe.path}: cannot resume from {path}: the recipe changed what it trained:\n  - "
+            + "\n  - ".join(changes)
+            + "\nrestore those values, start a new output_dir, or pass --force to resume anyway"
+        )
+
+
+def save(accelerator, output_dir: Path, step: int, recipe_text: str, limit: int | None) -> Path:
+    """Save the full training state as checkpoint-{step}; returns its path. All processes call it."""
+    final = folder(output_dir) / f"checkpoint-{step}"
+    staging = folder(output_dir) / f".saving-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "recipe.toml").write_text(recipe_text)
+        replace_dir(staging, final)
+        prune(output_dir, limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(output_dir: Path, limit: int | None) -> None:
+    """Delete the oldest checkpoints beyond `limit`, and temp folders left by killed saves."""
+    for stale in folder(output_dir).glob(".saving-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if limit:
+        for old in complete(output_dir)[:-limit]:
+            shutil.rmtree(old)
+
+
+def save_only_trainable(accelerator) -> None:
+    """Make checkpoints of a mostly frozen model (e.g. with adapters) hold only its trainable weights.
+
+    Accelerate saves whole models; these hooks replace that for models with frozen parameters,
+    which are rebuilt from the recipe on resume.
+    """
+    from safetensors.torch import load_file, save_file
+
+    def frozen(model) -> bool:
+        return any(not p.requires_grad for p in model.parameters())
+
+    def save_hook(models, weights, output_dir):
+        for i in reversed(range(len(models))):
+            if frozen(models[i]):
+                trainable = {n: p.detach().cpu().contiguous() for n, p in models[i].named_parameters() if p.requires_grad}
+                save_file(trainable, str(Path(output_dir) / f"{i}_{TRAINABLE_FILE}"))
+                weights.pop(i)
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            file = Path(input_dir) / f"{i}_{TRAINABLE_FILE}"
+            if file.is_file():
+                state = load_file(str(file))
+                missing = set(n for n, p in models[i].named_parameters() if p.requires_grad) - state.keys()
+                if missing:
+                    raise DifftoolError(f"{input_dir} lacks trainable weights {sorted(missing)[:3]}; was it made by another recipe?")
+                models[i].load_state_dict(state, strict=False)
+                models.pop(i)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
