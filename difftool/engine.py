@@ -128,35 +128,41 @@ def make_plan(recipe: Recipe, batches_per_epoch: int) -> Plan:
 
 
 def loop(state: TrainState, parts: Parts, plan: Plan) -> None:
-    """Epochs of steps, resuming mid-epoch where a checkpoint left off; samples and saves per epoch."""
-    accelerator, run = state.accelerator, state.recipe["run"]
-    images_per_step = state.recipe["dataset"]["batch_size"] * run["gradient_accumulation_steps"] * accelerator.num_processes
-    with progress_bar(accelerator) as progress:
+    """Epochs of steps, from where a checkpoint left off; samples and saves at epoch ends."""
+    with progress_bar(state.accelerator) as progress:
         task = progress.add_task("train", total=plan.total_steps, completed=state.global_step,
                                  epoch=state.epoch, loss=state.loss, lr=state.lr_schedule.get_last_lr()[0], speed=0.0)
-        while state.epoch < plan.num_epochs:
-            if state.global_step < plan.total_steps:
-                parts.loader.set_epoch(state.epoch)
-                batches = parts.loader
-                if state.batches_done:  # a resumed run picks up mid-epoch
-                    batches = accelerator.skip_first_batches(parts.loader, state.batches_done)
-                    batches.set_epoch(state.epoch)
-                started, steps = time.perf_counter(), 0
-                for batch in batches:
-                    if not train_step(state, parts, batch["images"]):
-                        continue
-                    steps += 1
-                    speed = steps * images_per_step / (time.perf_counter() - started)
-                    progress.update(task, completed=state.global_step, epoch=state.epoch, loss=state.loss,
-                                    lr=state.lr_schedule.get_last_lr()[0], speed=speed)
-                    after_step(state, parts)
-                    if state.global_step >= plan.total_steps:
-                        break
-            last = state.global_step >= plan.total_steps
-            end_of_epoch(state, parts, last)
-            state.epoch, state.batches_done = state.epoch + 1, 0
+        while True:
+            if state.global_step < plan.total_steps and state.epoch < plan.num_epochs:
+                train_epoch(state, parts, plan, lambda speed: progress.update(
+                    task, completed=state.global_step, epoch=state.epoch, loss=state.loss,
+                    lr=state.lr_schedule.get_last_lr()[0], speed=speed))
+            last = state.global_step >= plan.total_steps or state.epoch >= plan.num_epochs - 1
+            end_of_epoch(state, parts, last)  # also after resuming a run that has nothing left to do
             if last:
                 break
+            state.epoch, state.batches_done = state.epoch + 1, 0
+
+
+def train_epoch(state: TrainState, parts: Parts, plan: Plan, report) -> None:
+    """The epoch's remaining batches (a resumed run picks up mid-epoch), until the plan is done."""
+    accelerator = state.accelerator
+    images_per_step = (state.recipe["dataset"]["batch_size"] * state.recipe["run"]["gradient_accumulation_steps"]
+                       * accelerator.num_processes)
+    parts.loader.set_epoch(state.epoch)
+    batches = parts.loader
+    if state.batches_done:
+        batches = accelerator.skip_first_batches(parts.loader, state.batches_done)
+        batches.set_epoch(state.epoch)
+    started, steps = time.perf_counter(), 0
+    for batch in batches:
+        if not train_step(state, parts, batch["images"]):
+            continue
+        steps += 1
+        report(steps * images_per_step / (time.perf_counter() - started))
+        after_step(state, parts)
+        if state.global_step >= plan.total_steps:
+            break
 
 
 def train_step(state: TrainState, parts: Parts, clean: torch.Tensor) -> bool:
