@@ -17,7 +17,7 @@ from difftool.files import replace_dir
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # sections whose change makes a checkpoint a different experiment
-PROTECTED = ("dataset", "model", "noise_scheduler", "optimizer", "attention", "adapters")
+PROTECTED = ("dataset", "model", "noise_scheduler", "optimizer", "attention", "adapters", "ema")
 TRAINABLE_FILE = "trainable_parameters.safetensors"
 
 

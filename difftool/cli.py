@@ -54,13 +54,17 @@ def run(
 
 @app.command()
 def check(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
-    """Validate a recipe and build its model and schedulers, without training."""
+    """Validate a recipe and build its components (all but the dataset), without training."""
     from difftool import build
     from difftool import recipe as recipes
 
     loaded = recipes.load(recipe, set_)
-    build.model(loaded)
+    model = build.model(loaded)
     build.sampling_scheduler(loaded, build.noise_scheduler(loaded))
+    build.lr_schedule(loaded, build.optimizer(loaded, model), num_training_steps=1)
+    for section in ("loss_weighting", "timestep_sampler"):
+        build.component(loaded, section)
+    build.ema(loaded, model)
     table = Table("section", "component", "plugin", title=f"{recipe} is valid")
     for section, entry in loaded.entries.items():
         table.add_row(section, entry.name, entry.plugin)
@@ -88,15 +92,9 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="models, sch
     report_failures()
 
 
-plugins_app = typer.Typer(help="Installed plugins.", invoke_without_command=True)
-app.add_typer(plugins_app, name="plugins")
-
-
-@plugins_app.callback()
-def plugins(ctx: typer.Context) -> None:
+@app.command()
+def plugins() -> None:
     """Show installed plugins: version, hooks implemented, components registered, clashes."""
-    if ctx.invoked_subcommand:
-        return
     from difftool.plugins import plugin_version, pm, registries
 
     counts: dict[str, dict[str, int]] = {}
@@ -133,8 +131,8 @@ def sample(
     run_dir: Path,
     scheduler: Optional[str] = typer.Option(None, help="Any registered scheduler (default: the run's [sampling] one)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Inference steps (default: the run's)."),
-    num_images: int = typer.Option(16, min=1, help="Images in the grid."),
-    seed: int = typer.Option(0, help="Seed of the starting noise."),
+    num_images: Optional[int] = typer.Option(None, min=1, help="Images in the grid (default: the run's)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the starting noise (default: the run's)."),
     out: Optional[Path] = typer.Option(None, help="Grid PNG to write (default: RUN_DIR/samples/sample-SCHEDULER-STEPS.png)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:

@@ -15,16 +15,16 @@ class EMA:
         from diffusers.training_utils import EMAModel
 
         self.update_every, self.on_cpu = update_every, on_cpu
+        self.device = "cpu" if on_cpu else next(model.parameters()).device
         self.average = EMAModel(model.parameters(), decay=decay, inv_gamma=inv_gamma, power=power,
                                 use_ema_warmup=warmup)
-        if on_cpu:
-            self.average.to("cpu")
+        self.average.to(self.device)
 
     def update(self, model, global_step: int) -> None:
         if global_step % self.update_every == 0:
             parameters = list(model.parameters())
-            if self.on_cpu:
-                parameters = [p.detach().to("cpu") for p in parameters]
+            if self.on_cpu:  # EMAModel averages only parameters that require grad
+                parameters = [p.detach().to("cpu").requires_grad_(p.requires_grad) for p in parameters]
             self.average.step(parameters)
 
     @contextlib.contextmanager
@@ -45,5 +45,4 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.average.load_state_dict(state)
-        if self.on_cpu:
-            self.average.to("cpu")
+        self.average.to(self.device)  # accelerate loads custom states onto the CPU

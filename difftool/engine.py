@@ -47,6 +47,7 @@ class Parts:
     timestep_sampler: object
     loader: object
     validation: object  # a DataLoader of held-out images, or None
+    recipe_text: str  # the resolved recipe with provenance, as written into every checkpoint
 
 
 def train(recipe: Recipe, force: bool = False) -> Path:
@@ -67,13 +68,15 @@ def train(recipe: Recipe, force: bool = False) -> Path:
         loss_weighting=build.component(recipe, "loss_weighting"),
         timestep_sampler=build.component(recipe, "timestep_sampler"),
         loader=accelerator.prepare(build.dataloader(recipe, train_rows)),
-        validation=None if validation_rows is None else build.dataloader(recipe, validation_rows),
+        validation=None if validation_rows is None else build.dataloader(recipe, validation_rows, shuffle=False),
+        recipe_text=dump(recipe, provenance(recipe)),
     )
     optimizer = build.optimizer(recipe, model)
     plan = make_plan(recipe, len(parts.loader))
     lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
-    ema = build.ema(recipe, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = build.ema(recipe, accelerator.unwrap_model(model))  # on the device the model is on now
+    set_seed(run["seed"], device_specific=True)  # each process its own noise, timesteps and flips
     state = TrainState(recipe, accelerator, model, optimizer, lr_schedule, output_dir, ema)
     checkpoints.save_only_trainable(accelerator)
     for stateful in (lr_schedule, state, ema):
@@ -88,7 +91,7 @@ def train(recipe: Recipe, force: bool = False) -> Path:
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(output_dir / "recipe.toml", dump(recipe, provenance(recipe)))
+        files.write_text(output_dir / "recipe.toml", parts.recipe_text)
         accelerator.init_trackers("difftool")
     try:
         pm.hook.on_train_start(state=state)
@@ -166,7 +169,7 @@ def train_epoch(state: TrainState, parts: Parts, plan: Plan, report) -> None:
 
 
 def train_step(state: TrainState, parts: Parts, clean: torch.Tensor) -> bool:
-    """One micro-batch; returns True when it completed an optimizer step (skipped ones included)."""
+    """One micro-batch; returns True when it completed an optimizer step (not a skipped one)."""
     accelerator, model, run = state.accelerator, state.model, state.recipe["run"]
     settings = state.recipe["objective"]
     state.batches_done += 1
@@ -175,12 +178,9 @@ def train_step(state: TrainState, parts: Parts, clean: torch.Tensor) -> bool:
     scheduler = parts.noise_scheduler
     timesteps = parts.timestep_sampler(clean.shape[0], scheduler.config.num_train_timesteps, clean.device)
     noise, noisy = objective.add_noise(scheduler, clean, timesteps, settings["noise_offset"])
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    weights = parts.loss_weighting(timesteps, scheduler, scheduler.config.get("prediction_type", "epsilon"))
     with accelerator.accumulate(model):
-        prediction = model(noisy, timesteps, return_dict=False)[0]
-        wanted = objective.target(scheduler, prediction_type, clean, noise, timesteps)
-        weights = parts.loss_weighting(timesteps, scheduler, prediction_type)
-        loss = objective.loss(prediction, wanted, settings["loss"], settings["huber_delta"], weights)
+        loss = objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings, weights)
         if finite_everywhere(accelerator, loss):
             accelerator.backward(loss)
             state.window_losses.append(loss.detach().item())
@@ -226,7 +226,8 @@ def step_skipped(state: TrainState) -> bool:
     state.nonfinite_in_a_row += 1
     state.nonfinite_total += 1
     state.accelerator.log({"nonfinite_steps": state.nonfinite_total}, step=state.global_step)
-    console.print(f"[yellow]non-finite loss at step {state.global_step + 1}: update skipped[/]")
+    if state.accelerator.is_main_process:
+        console.print(f"[yellow]non-finite loss at step {state.global_step + 1}: update skipped[/]")
     limit = state.recipe["run"]["max_nonfinite_steps"]
     if state.nonfinite_in_a_row >= limit:
         found = checkpoints.complete(state.output_dir)
@@ -243,11 +244,11 @@ def after_step(state: TrainState, parts: Parts) -> None:
     """Hooks, validation and checkpoints at their step intervals."""
     run, validation = state.recipe["run"], state.recipe["validation"]
     pm.hook.on_step_end(state=state)
-    if parts.validation is not None and validation["every_n_steps"] and state.global_step % validation["every_n_steps"] == 0:
+    if parts.validation is not None and state.global_step % validation["every_n_steps"] == 0:
         validate(state, parts)
     if run["checkpointing_steps"] and state.global_step % run["checkpointing_steps"] == 0:
         path = checkpoints.save(state.accelerator, state.output_dir, state.global_step,
-                                dump(state.recipe, provenance(state.recipe)), run["checkpoints_total_limit"])
+                                parts.recipe_text, run["checkpoints_total_limit"])
         pm.hook.on_checkpoint(state=state, path=path)
 
 
@@ -258,18 +259,15 @@ def validate(state: TrainState, parts: Parts) -> None:
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(state.model)
         scheduler = parts.noise_scheduler
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
         model.eval()
         losses = []
         with torch.no_grad(), accelerator.autocast():
             for index, batch in zip(range(state.recipe["validation"]["num_batches"]), parts.validation):
                 clean = batch["images"].to(accelerator.device)
                 generator = torch.Generator().manual_seed(index)
-                noise = torch.randn(clean.shape, generator=generator).to(clean.device)
                 timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(clean.device)
-                prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps, return_dict=False)[0]
-                wanted = objective.target(scheduler, prediction_type, clean, noise, timesteps)
-                losses.append(objective.loss(prediction, wanted, settings["loss"], settings["huber_delta"], None).item())
+                noise, noisy = objective.add_noise(scheduler, clean, timesteps, generator=generator)
+                losses.append(objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings).item())
         model.train()
         state.val_loss = sum(losses) / len(losses)
         accelerator.log({"val_loss": state.val_loss}, step=state.global_step)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from difftool.errors import DifftoolError
@@ -12,24 +15,33 @@ from difftool.errors import DifftoolError
 FINISHED_MARKER = "model_index.json"  # written last by every saved pipeline
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
-def save_image(image, path: Path) -> None:
-    """Save a PIL image atomically, in the format its suffix names."""
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path beside `path`; on success it replaces `path`, on failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it the usual mode
     try:
-        image.save(tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_image(image, path: Path) -> None:
+    """Save a PIL image atomically, in the format its suffix names."""
+    with atomic_path(path) as tmp:
+        image.save(tmp)
 
 
 def publish(write, output_dir: Path) -> None:
@@ -42,13 +54,31 @@ def publish(write, output_dir: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".saving-"))
     try:
         write(staging)
-        for name in sorted(os.listdir(staging), key=lambda n: n == FINISHED_MARKER):
-            if (staging / name).is_dir():
-                replace_dir(staging / name, output_dir / name)
-            else:
-                os.replace(staging / name, output_dir / name)
+        with interrupts_deferred():
+            (output_dir / FINISHED_MARKER).unlink(missing_ok=True)  # incomplete until it moves back in
+            for name in sorted(os.listdir(staging), key=lambda n: n == FINISHED_MARKER):
+                if (staging / name).is_dir():
+                    replace_dir(staging / name, output_dir / name)
+                else:
+                    os.replace(staging / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C until the block is done (only the main thread receives signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def replace_dir(new: Path, target: Path) -> None:

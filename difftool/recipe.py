@@ -16,7 +16,7 @@ from difftool.errors import DifftoolError
 from difftool.registry import Entry, suggest
 
 REQUIRED = object()
-POSITIVE, NON_NEGATIVE, FRACTION = "a positive integer", "zero or more", "a fraction in [0, 1)"
+POSITIVE, NON_NEGATIVE, FRACTION, UNIT = "a positive integer", "zero or more", "a fraction in [0, 1)", "a number in [0, 1]"
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 
 # section -> key -> (type, default, constraint); `name`-like keys pick the component.
@@ -64,7 +64,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "timestep_sampler": {"name": (str, "uniform", None)},
     "ema": {
         "enabled": (bool, False, None),
-        "decay": (float, 0.9999, NON_NEGATIVE),
+        "decay": (float, 0.9999, UNIT),
         "inv_gamma": (float, 1.0, NON_NEGATIVE),
         "power": (float, 2 / 3, NON_NEGATIVE),
         "warmup": (bool, False, None),
@@ -166,7 +166,7 @@ def check_value(section: str, key: str, value: Any, spec: tuple) -> str | None:
     if isinstance(constraint, tuple) and value not in constraint:
         return f"[{section}] {key} = {value!r} must be one of {', '.join(map(repr, constraint))}{suggest(str(value), constraint)}"
     if (constraint == POSITIVE and value < 1 or constraint == NON_NEGATIVE and value < 0
-            or constraint == FRACTION and not 0 <= value < 1):
+            or constraint == FRACTION and not 0 <= value < 1 or constraint == UNIT and not 0 <= value <= 1):
         return f"[{section}] {key} = {value!r} must be {constraint}"
     return None
 

@@ -50,27 +50,37 @@ def grid(images: list):
     return make_image_grid(images, rows=rows, cols=len(images) // rows)
 
 
-def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_images: int,
-               seed: int, out: Path | None, overwrite: bool) -> Path:
-    """Generate a grid from a finished run's pipeline with any registered scheduler."""
+def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_images: int | None,
+               seed: int | None, out: Path | None, overwrite: bool) -> Path:
+    """Generate a grid from a finished run's pipeline; what is not given comes from its recipe."""
     import tomllib
 
     from accelerate import PartialState
     from diffusers import DiffusionPipeline
+    from PIL import Image
 
     from difftool.files import FINISHED_MARKER, save_image
     from difftool.plugins import registry
+    from difftool.recipe import SCHEMA
 
     if not (run_dir / FINISHED_MARKER).is_file():
         raise DifftoolError(f"{run_dir} is not a finished difftool run (it has no {FINISHED_MARKER}); "
                             "give the output_dir of a run that saved its pipeline")
     recipe_file = run_dir / "recipe.toml"
-    saved = tomllib.loads(recipe_file.read_text()).get("sampling", {}) if recipe_file.is_file() else {}
-    name = scheduler or saved.get("scheduler", "ddpm")
+    saved = tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    sampling = saved.get("sampling", {})
+    name = scheduler or sampling.get("scheduler", "ddpm")
+    # the run's own scheduler settings apply only to the run's own scheduler
+    overrides = {} if scheduler else {k: v for k, v in sampling.items() if k not in SCHEMA["sampling"]}
     entry = registry("schedulers").get(name)
+    steps = steps or sampling.get("num_inference_steps")
+    num_images = num_images or sampling.get("num_images", 16)
+    seed = seed if seed is not None else sampling.get("seed", saved.get("run", {}).get("seed", 0))
+    if out is not None and out.suffix.lower() not in Image.registered_extensions():
+        raise DifftoolError(f"--out {out}: give a file name with an image extension, e.g. grid.png")
     pipeline = DiffusionPipeline.from_pretrained(run_dir)
-    chosen = sampling_scheduler(entry, dict(pipeline.scheduler.config), {}, f"--scheduler {name}")
-    steps = steps or saved.get("num_inference_steps") or chosen.config.num_train_timesteps
+    chosen = sampling_scheduler(entry, dict(pipeline.scheduler.config), overrides, f"--scheduler {name}")
+    steps = steps or chosen.config.num_train_timesteps
     out = out or run_dir / "samples" / f"sample-{name.replace(':', '-')}-{steps}.png"
     if out.exists() and not overwrite:
         raise DifftoolError(f"{out} already exists; choose another --out or pass --overwrite")

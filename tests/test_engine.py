@@ -115,6 +115,8 @@ def test_sample_command_with_any_scheduler(cli, finished_run, tmp_path):
     assert code == 1 and "is not a finished difftool run" in err
     code, _, err = cli("sample", finished_run, "--scheduler", "eulr")
     assert code == 1 and "did you mean 'euler'" in err
+    code, _, err = cli("sample", finished_run, "--out", tmp_path / "grid")
+    assert code == 1 and "image extension" in err
 
 
 def test_cli_errors_are_one_line_without_traceback(cli, tiny_recipe, tmp_path):

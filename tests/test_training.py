@@ -335,3 +335,56 @@ def test_checkpoints_of_a_mostly_frozen_model_hold_only_trainable_weights(plugin
     train(recipes.load(tiny_recipe(adapters, output_dir=resumed, name="resumed.toml"),
                        steps + ['run.resume_from_checkpoint="latest"']))
     assert_identical(read_state(lora / "checkpoints" / "checkpoint-3"), read_state(resumed / "checkpoints" / "checkpoint-3"))
+
+
+@pytest.mark.parametrize("name", ["euler", "dpm-solver++", "unipc"])
+def test_any_noise_scheduler_noises_like_ddpm_with_the_same_betas(name):
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear")
+    other = registry("schedulers").get(name).build({"beta_schedule": "scaled_linear"}, "test")
+    clean, timesteps = torch.randn(3, 3, 4, 4), torch.tensor([0, 500, 999])
+    torch.manual_seed(0)
+    noise, noisy = objective.add_noise(other, clean, timesteps)
+    assert torch.allclose(noisy, ddpm.add_noise(clean, noise, timesteps), atol=1e-6)
+    velocity = objective.target(other, "v_prediction", clean, noise, timesteps)
+    assert torch.allclose(velocity, ddpm.get_velocity(clean, noise, timesteps), atol=1e-6)
+
+
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_ema_averages_on_either_device(tiny_recipe, on_cpu):
+    from difftool import build
+
+    recipe = recipes.load(tiny_recipe(), ["ema.enabled=true", "ema.decay=0.5", f"ema.on_cpu={str(on_cpu).lower()}"])
+    model = build.model(recipe)
+    ema = build.ema(recipe, model)
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update(model, step)
+    with ema.swapped_in(model):
+        averaged = [p.clone() for p in model.parameters()]
+    assert not any(torch.equal(a, p) for a, p in zip(averaged, model.parameters()))
+
+
+def test_changing_ema_on_resume_is_refused(tiny_recipe, tmp_path):
+    path = tiny_recipe(output_dir=tmp_path / "run")
+    train(recipes.load(path, ["run.max_steps=1", "run.checkpointing_steps=1"]))
+    with pytest.raises(DifftoolError, match="ema.enabled: False -> True"):
+        train(recipes.load(path, ["run.max_steps=2", 'run.resume_from_checkpoint="latest"', "ema.enabled=true"]))
+
+
+def test_outputs_get_the_usual_file_mode(tiny_recipe):
+    old = os.umask(0o022)
+    try:
+        output_dir = train(recipes.load(tiny_recipe(), ["run.max_steps=1"]))
+    finally:
+        os.umask(old)
+    assert (output_dir / "recipe.toml").stat().st_mode & 0o777 == 0o644
+    assert (output_dir / "samples" / "0000.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_check_builds_optimizer_and_schedule(cli, tiny_recipe):
+    code, _, err = cli("check", tiny_recipe(), "--set", 'optimizer.lr="abc"')
+    assert code == 1 and "optimizer 'adamw'" in err and "could not be built" in err
