@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -178,12 +179,12 @@ def train_step(state: TrainState, parts: Parts, clean: torch.Tensor) -> bool:
     scheduler = parts.noise_scheduler
     timesteps = parts.timestep_sampler(clean.shape[0], scheduler.config.num_train_timesteps, clean.device)
     noise, noisy = objective.add_noise(scheduler, clean, timesteps, settings["noise_offset"])
-    weights = parts.loss_weighting(timesteps, scheduler, scheduler.config.get("prediction_type", "epsilon"))
     with accelerator.accumulate(model):
-        loss = objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings, weights)
-        if finite_everywhere(accelerator, loss):
+        loss = objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings, parts.loss_weighting)
+        value = loss.detach().item()  # the one device sync of the step
+        if finite_everywhere(accelerator, value):
             accelerator.backward(loss)
-            state.window_losses.append(loss.detach().item())
+            state.window_losses.append(value)
         else:
             state.window_nonfinite = True
         if not accelerator.sync_gradients:
@@ -198,12 +199,12 @@ def train_step(state: TrainState, parts: Parts, clean: torch.Tensor) -> bool:
         return step_taken(state)
 
 
-def finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+def finite_everywhere(accelerator, value: float) -> bool:
     """Whether the loss is finite in every process (so that all of them skip a step together)."""
-    nonfinite = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        nonfinite = accelerator.reduce(nonfinite, "sum")
-    return nonfinite.item() == 0
+    if accelerator.num_processes == 1:
+        return math.isfinite(value)
+    nonfinite = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=accelerator.device)
+    return accelerator.reduce(nonfinite, "sum").item() == 0
 
 
 def step_taken(state: TrainState) -> bool:
@@ -302,8 +303,6 @@ def write_pipeline(state: TrainState, unet, noise_scheduler, folder: Path) -> No
 
 def weights_for_output(state: TrainState, unet):
     """The EMA weights swapped into `unet` when [ema] is enabled, else the weights as they are."""
-    import contextlib
-
     return state.ema.swapped_in(unet) if state.ema is not None else contextlib.nullcontext(unet)
 
 
