@@ -9,16 +9,29 @@ from difftool.recipe import Recipe
 
 
 def model(recipe: Recipe):
-    """The model, fitted to the image size, with its attention processors and adapters applied."""
+    """The model, fitted to the image size, with its attention processors set."""
     built = recipe.entries["model"].build(recipe.kwargs("model"), recipe.where("model"))
     fit_image_size(built, recipe["dataset"]["image_size"], recipe.where("dataset"))
     if "attention" in recipe.data:
         set_attention(recipe, built)
+    return built
+
+
+def adapters(recipe: Recipe, built) -> list:
+    """Apply the [[adapters]] to the model in order; returns their Adapter objects."""
+    from difftool.adapters import Adapter
+
+    applied = []
     for i, table in enumerate(recipe["adapters"]):
         section = f"adapters.{i}"
-        adapted = recipe.entries[section].build(recipe.kwargs(section, table), recipe.where(section), model=built)
-        built = built if adapted is None else adapted
-    return built
+        adapter = recipe.entries[section].build(recipe.kwargs(section, table), recipe.where(section), model=built)
+        if not isinstance(adapter, Adapter):
+            raise DifftoolError(
+                f"{recipe.where(section)} adapter '{table['name']}' (plugin '{recipe.entries[section].plugin}') "
+                f"returned {type(adapter).__name__}, not a difftool.adapters.Adapter; update or report the plugin"
+            )
+        applied.append(adapter)
+    return applied
 
 
 def fit_image_size(built, image_size: int, where: str) -> None:

@@ -60,6 +60,7 @@ def check(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HEL
 
     loaded = recipes.load(recipe, set_)
     model = build.model(loaded)
+    build.adapters(loaded, model)
     build.sampling_scheduler(loaded, build.noise_scheduler(loaded))
     build.lr_schedule(loaded, build.optimizer(loaded, model), num_training_steps=1)
     for section in ("loss_weighting", "timestep_sampler"):
@@ -97,16 +98,15 @@ def plugins() -> None:
     """Show installed plugins: version, hooks implemented, components registered, clashes."""
     from difftool.plugins import plugin_version, pm, registries
 
-    counts: dict[str, dict[str, int]] = {}
+    components: dict[str, dict[str, list[str]]] = {}  # plugin -> kind -> names
     for kind, registry in registries().items():
-        for entry in registry.entries.values():
-            counts.setdefault(entry.plugin, {}).setdefault(kind, 0)
-            counts[entry.plugin][kind] += 1
+        for name, entry in registry.visible():
+            components.setdefault(entry.plugin, {}).setdefault(kind, []).append(name)
     table = Table("plugin", "version", "hooks", "components")
     table.columns[2].no_wrap = True
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
-        registered = ", ".join(f"{n} {k}" for k, n in counts.get(name, {}).items())
+        registered = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in components.get(name, {}).items())
         table.add_row(name, plugin_version(name), "\n".join(hooks), registered)
     console.print(table)
     for registry in registries().values():

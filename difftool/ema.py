@@ -8,7 +8,8 @@ import torch
 
 
 class EMA:
-    """diffusers' EMAModel, updated every `update_every` steps, optionally kept on the CPU."""
+    """diffusers' EMAModel of the trainable weights (frozen ones, e.g. under an adapter, need
+    no average), updated every `update_every` steps, optionally kept on the CPU."""
 
     def __init__(self, model, decay: float, inv_gamma: float, power: float, warmup: bool,
                  update_every: int, on_cpu: bool):
@@ -16,21 +17,21 @@ class EMA:
 
         self.update_every, self.on_cpu = update_every, on_cpu
         self.device = "cpu" if on_cpu else next(model.parameters()).device
-        self.average = EMAModel(model.parameters(), decay=decay, inv_gamma=inv_gamma, power=power,
+        self.average = EMAModel(trainable(model), decay=decay, inv_gamma=inv_gamma, power=power,
                                 use_ema_warmup=warmup)
         self.average.to(self.device)
 
     def update(self, model, global_step: int) -> None:
         if global_step % self.update_every == 0:
-            parameters = list(model.parameters())
+            parameters = trainable(model)
             if self.on_cpu:  # EMAModel averages only parameters that require grad
-                parameters = [p.detach().to("cpu").requires_grad_(p.requires_grad) for p in parameters]
+                parameters = [p.detach().to("cpu").requires_grad_() for p in parameters]
             self.average.step(parameters)
 
     @contextlib.contextmanager
     def swapped_in(self, model):
         """Within the block, `model` holds the averaged weights."""
-        parameters = list(model.parameters())
+        parameters = trainable(model)
         self.average.store(parameters)
         with torch.no_grad():
             for shadow, parameter in zip(self.average.shadow_params, parameters):
@@ -46,3 +47,8 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.average.load_state_dict(state)
         self.average.to(self.device)  # accelerate loads custom states onto the CPU
+
+
+def trainable(model) -> list:
+    """The parameters that training changes."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from difftool import __version__, build, checkpoints, files, objective
+from difftool import __version__, adapters, build, checkpoints, files, objective
 from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
 from difftool.plugins import pm
@@ -48,6 +48,7 @@ class Parts:
     timestep_sampler: object
     loader: object
     validation: object  # a DataLoader of held-out images, or None
+    adapters: list  # the difftool.adapters.Adapter of each [[adapters]] entry
     recipe_text: str  # the resolved recipe with provenance, as written into every checkpoint
 
 
@@ -61,6 +62,9 @@ def train(recipe: Recipe, force: bool = False) -> Path:
     set_seed(run["seed"])
 
     model = build.model(recipe)
+    applied = build.adapters(recipe, model)
+    if run["fuse_adapters"]:
+        adapters.check_fusable(applied, recipe)
     noise_scheduler = build.noise_scheduler(recipe)
     train_rows, validation_rows = build.datasets(recipe)
     parts = Parts(
@@ -70,6 +74,7 @@ def train(recipe: Recipe, force: bool = False) -> Path:
         timestep_sampler=build.component(recipe, "timestep_sampler"),
         loader=accelerator.prepare(build.dataloader(recipe, train_rows)),
         validation=None if validation_rows is None else build.dataloader(recipe, validation_rows, shuffle=False),
+        adapters=applied,
         recipe_text=dump(recipe, provenance(recipe)),
     )
     optimizer = build.optimizer(recipe, model)
@@ -99,7 +104,7 @@ def train(recipe: Recipe, force: bool = False) -> Path:
         loop(state, parts, plan)
         pm.hook.on_train_end(state=state)
     except KeyboardInterrupt:
-        kept = "the last saved pipeline, checkpoints and samples" if (output_dir / files.FINISHED_MARKER).exists() else "the checkpoints and samples saved so far"
+        kept = "the last saved pipeline, checkpoints and samples" if files.finished(output_dir) else "the checkpoints and samples saved so far"
         raise Interrupted(f"interrupted at step {state.global_step}; {output_dir} keeps {kept}, each complete") from None
     finally:
         accelerator.end_training()
@@ -286,19 +291,24 @@ def end_of_epoch(state: TrainState, parts: Parts, last: bool) -> None:
             files.save_image(grid(images), state.output_dir / "samples" / f"{epoch:04d}.png")
             pm.hook.on_samples(state=state, images=images)
         if (epoch + 1) % run["save_model_epochs"] == 0 or last:
-            files.publish(lambda folder: write_pipeline(state, unet, parts.noise_scheduler, folder), state.output_dir)
+            files.publish(lambda folder: write_model(state, parts, unet, folder), state.output_dir)
     accelerator.wait_for_everyone()
 
 
-def write_pipeline(state: TrainState, unet, noise_scheduler, folder: Path) -> None:
-    """DDPMPipeline(unet, scheduler).save_pretrained, with EMA weights (and the raw ones in
-    unet_raw/) when [ema] is enabled."""
+def write_model(state: TrainState, parts: Parts, unet, folder: Path) -> None:
+    """What the run produced, with EMA weights when [ema] is enabled: the adapters alone (and,
+    with run.fuse_adapters, the fused pipeline) for an adapted model, else
+    DDPMPipeline(unet, scheduler).save_pretrained with the raw weights in unet_raw/."""
     from diffusers import DDPMPipeline
 
-    if state.ema is not None:
+    if state.ema is not None and not parts.adapters:
         unet.save_pretrained(folder / "unet_raw")
     with weights_for_output(state, unet):
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(folder)
+        if parts.adapters:
+            adapters.save(parts.adapters, unet, state.recipe, folder)
+        if not parts.adapters or state.recipe["run"]["fuse_adapters"]:
+            model = adapters.fused(parts.adapters, unet) if parts.adapters else unet
+            DDPMPipeline(unet=model, scheduler=parts.noise_scheduler).save_pretrained(folder)
 
 
 def weights_for_output(state: TrainState, unet):

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from difftool.errors import DifftoolError
 
-FINISHED_MARKER = "model_index.json"  # written last by every saved pipeline
+# written last by every save: a pipeline's model_index.json, an adapted run's adapters.json
+FINISHED_MARKERS = ("model_index.json", "adapters.json")
+
+
+def finished(output_dir: Path) -> bool:
+    """Whether `output_dir` holds a completely saved pipeline or adapters."""
+    return any((output_dir / marker).is_file() for marker in FINISHED_MARKERS)
 
 
 @contextlib.contextmanager
@@ -47,7 +53,7 @@ def save_image(image, path: Path) -> None:
 def publish(write, output_dir: Path) -> None:
     """Call `write(folder)` on a temp folder, then swap each item it wrote into `output_dir`.
 
-    The marker (model_index.json) moves last, so a folder that has it is complete.
+    The markers (FINISHED_MARKERS) move last, so a folder that has one is complete.
     """
     for stale in output_dir.glob(".saving-*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -55,8 +61,9 @@ def publish(write, output_dir: Path) -> None:
     try:
         write(staging)
         with interrupts_deferred():
-            (output_dir / FINISHED_MARKER).unlink(missing_ok=True)  # incomplete until it moves back in
-            for name in sorted(os.listdir(staging), key=lambda n: n == FINISHED_MARKER):
+            for marker in FINISHED_MARKERS:  # incomplete until they move back in
+                (output_dir / marker).unlink(missing_ok=True)
+            for name in sorted(os.listdir(staging), key=lambda n: n in FINISHED_MARKERS):
                 if (staging / name).is_dir():
                     replace_dir(staging / name, output_dir / name)
                 else:
@@ -97,7 +104,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, recipe_path: str) -> N
     """Refuse to train into a folder that holds a finished run, unless told to overwrite it."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DifftoolError(f"{recipe_path}: [run] output_dir = '{output_dir}' is a file; choose a folder")
-    if (output_dir / FINISHED_MARKER).exists() and not overwrite:
+    if finished(output_dir) and not overwrite:
         raise DifftoolError(
             f"{recipe_path}: [run] output_dir = '{output_dir}' already holds a finished run; choose "
             "another output_dir (e.g. --set run.output_dir=runs/new) or set "

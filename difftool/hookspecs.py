@@ -59,8 +59,9 @@ def register_attention_processors(register):
 
 @hookspec
 def register_adapters(register):
-    """Register adapters. Factory context: `model`. Adds trainable weights to the model
-    (e.g. `model.add_adapter(...)`), freezes what should stay frozen, returns the model."""
+    """Register adapters. Factory context: `model`. Adds trainable weights to the model in
+    place (e.g. `model.add_adapter(...)`), freezes what should stay frozen, and returns a
+    `difftool.adapters.Adapter` that saves, reloads and (optionally) fuses those weights."""
 
 
 @hookspec

@@ -37,6 +37,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "checkpoints_total_limit": (int, None, POSITIVE),
         "resume_from_checkpoint": (str, None, None),
         "max_nonfinite_steps": (int, 10, POSITIVE),
+        "fuse_adapters": (bool, False, None),
     },
     "dataset": {
         "name": (str, REQUIRED, None),

@@ -59,13 +59,14 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
     from diffusers import DiffusionPipeline
     from PIL import Image
 
-    from difftool.files import FINISHED_MARKER, save_image
+    from difftool import adapters
+    from difftool.files import finished, save_image
     from difftool.plugins import registry
     from difftool.recipe import SCHEMA
 
-    if not (run_dir / FINISHED_MARKER).is_file():
-        raise DifftoolError(f"{run_dir} is not a finished difftool run (it has no {FINISHED_MARKER}); "
-                            "give the output_dir of a run that saved its pipeline")
+    if not finished(run_dir):
+        raise DifftoolError(f"{run_dir} is not a finished difftool run (it has no saved pipeline or adapters); "
+                            "give the output_dir of a run that saved its model")
     recipe_file = run_dir / "recipe.toml"
     saved = tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
     sampling = saved.get("sampling", {})
@@ -78,14 +79,18 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
     seed = seed if seed is not None else sampling.get("seed", saved.get("run", {}).get("seed", 0))
     if out is not None and out.suffix.lower() not in Image.registered_extensions():
         raise DifftoolError(f"--out {out}: give a file name with an image extension, e.g. grid.png")
-    pipeline = DiffusionPipeline.from_pretrained(run_dir)
-    chosen = sampling_scheduler(entry, dict(pipeline.scheduler.config), overrides, f"--scheduler {name}")
+    if (run_dir / adapters.MARKER).is_file():  # base + adapters, even where a fused copy was saved too
+        unet, training_scheduler = adapters.adapted_model(run_dir)
+    else:
+        pipeline = DiffusionPipeline.from_pretrained(run_dir)
+        unet, training_scheduler = pipeline.unet, pipeline.scheduler
+    chosen = sampling_scheduler(entry, dict(training_scheduler.config), overrides, f"--scheduler {name}")
     steps = steps or chosen.config.num_train_timesteps
     out = out or run_dir / "samples" / f"sample-{name.replace(':', '-')}-{steps}.png"
     if out.exists() and not overwrite:
         raise DifftoolError(f"{out} already exists; choose another --out or pass --overwrite")
     device = PartialState().device
-    unet = pipeline.unet.to(device).eval()
+    unet = unet.to(device).eval()
     images = generate(unet, chosen, num_images, steps, seed, unet.config.sample_size, device)
     save_image(grid(images), out)
     return out

@@ -1,59 +1,13 @@
-"""Shared fixtures: tiny recipes, in-process plugins, running the CLI in-process."""
+"""Shared fixtures: difftool.testing's (tiny recipes, in-process plugins, the CLI) and the real data."""
 
-from __future__ import annotations
-
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ["COLUMNS"] = "200"  # rich tables unwrapped, so assertions see whole lines
+from difftool.testing import TINY_RECIPE, cli, plugin, tiny_recipe  # noqa: F401 (fixtures)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUTTERFLIES = SHARED_DATA / "smithsonian-butterflies-64"
-
-TINY_RECIPE = """
-[run]
-output_dir = "{output_dir}"
-seed = 0
-num_epochs = 2
-save_image_epochs = 1
-save_model_epochs = 1
-
-[dataset]
-name = "synthetic-butterflies"
-count = 16
-size = 32
-image_size = 32
-batch_size = 8
-
-[model]
-name = "unet2d"
-block_out_channels = [32, 64]
-down_block_types = ["DownBlock2D", "AttnDownBlock2D"]
-up_block_types = ["AttnUpBlock2D", "UpBlock2D"]
-layers_per_block = 1
-norm_num_groups = 8
-
-[noise_scheduler]
-name = "ddpm"
-num_train_timesteps = 100
-
-[optimizer]
-name = "adamw"
-lr = 1e-3
-
-[lr_schedule]
-name = "cosine"
-num_warmup_steps = 1
-
-[sampling]
-scheduler = "ddim"
-num_inference_steps = 2
-num_images = 4
-"""
 
 
 @pytest.fixture
@@ -62,51 +16,3 @@ def butterflies() -> Path:
     if not BUTTERFLIES.is_dir():
         pytest.skip("shared/data/smithsonian-butterflies-64 is not on this machine")
     return BUTTERFLIES
-
-
-@pytest.fixture
-def tiny_recipe(tmp_path):
-    """Write the tiny recipe (plus extra TOML) to a file; returns its path."""
-
-    def write(extra: str = "", output_dir: Path | None = None, name: str = "tiny.toml") -> Path:
-        path = tmp_path / name
-        out = output_dir or tmp_path / "run"
-        path.write_text(TINY_RECIPE.format(output_dir=out.as_posix()) + extra)
-        return path
-
-    return write
-
-
-@pytest.fixture
-def plugin():
-    """Register in-process plugin objects for one test; unregistered afterwards."""
-    from difftool.plugins import load_plugins, pm
-
-    load_plugins()
-    names = []
-
-    def register(obj, name: str):
-        pm.register(obj, name=name)
-        names.append(name)
-        return obj
-
-    yield register
-    for name in names:
-        pm.unregister(name=name)
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `difftool ARGS` in-process; returns (exit code, stdout, stderr)."""
-    from difftool.cli import main
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return invoke

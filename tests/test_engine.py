@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from difftool import recipe as recipes
 from difftool.engine import train
 
-from conftest import TINY_RECIPE
+from difftool.testing import TINY_RECIPE
 
 
 def tb_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import difftool
 from difftool import objective
+from difftool.adapters import Adapter
 from difftool import recipe as recipes
 from difftool.engine import train
 from difftool.errors import DifftoolError
@@ -308,12 +309,13 @@ class LoraLike:
             model.requires_grad_(False)
             config = LoraConfig(r=r, lora_alpha=r, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                 init_lora_weights=False)
-            return inject_adapter_in_model(config, model)
+            inject_adapter_in_model(config, model)
+            return Adapter()
 
         register("test-lora", lora, "LoRA for the tests")
 
 
-def test_checkpoints_of_a_mostly_frozen_model_hold_only_trainable_weights(plugin, tiny_recipe, tmp_path):
+def test_checkpoints_of_a_mostly_frozen_model_hold_only_trainable_weights(plugin, tiny_recipe, cli, tmp_path):
     plugin(LoraLike(), "lora-like")
     adapters = '\n[[adapters]]\nname = "test-lora"\nr = 4\n'
     steps = ["run.max_steps=3", "run.checkpointing_steps=1"]
@@ -328,6 +330,15 @@ def test_checkpoints_of_a_mostly_frozen_model_hold_only_trainable_weights(plugin
     trainable = load_file(lora / "checkpoints" / "checkpoint-2" / "0_trainable_parameters.safetensors")
     assert trainable and all("lora_" in name for name in trainable)
     assert size(lora) * 5 < size(full)
+    # the run saves the adapter alone; `sample` loads it onto the base its recipe names
+    assert (lora / "adapters.json").is_file() and not (lora / "unet").exists()
+    assert load_file(lora / "adapters" / "0-test-lora" / "adapter_weights.safetensors").keys() == trainable.keys()
+    code, out, err = cli("sample", lora, "--num-images", "1", "--steps", "2")
+    assert code == 0, err
+    assert (lora / "samples" / "sample-ddim-2.png").is_file()
+    code, _, err = cli("run", tiny_recipe(adapters, output_dir=tmp_path / "fused", name="fused.toml"),
+                       "--set", "run.fuse_adapters=true")
+    assert code == 1 and "adapter 'test-lora' cannot be fused" in err and not (tmp_path / "fused").exists()
     # resuming restores the adapter weights exactly; the frozen base is rebuilt from the recipe
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)

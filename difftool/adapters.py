@@ -1,0 +1,99 @@
+"""Adapters: the contract an adapter factory fulfils, and how adapted runs save and reload them.
+
+An adapter factory adds trainable weights to the model in place (freezing what should stay
+frozen) and returns an `Adapter`, which knows how to save, reload and fuse those weights.
+An adapted run saves only the adapters, each in `adapters/{index}-{name}/`, and then
+`adapters.json` (its finished marker); the frozen base is the one its recipe names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from difftool.errors import DifftoolError
+
+MARKER = "adapters.json"
+WEIGHTS = "adapter_weights.safetensors"
+
+
+class Adapter:
+    """What an adapter factory returns. The defaults save and reload the model's trainable
+    parameters, which suits one adapter per model; subclasses give their own file layout,
+    and `fuse` where the adapter can be merged into the base weights."""
+
+    def save(self, model, folder: Path) -> None:
+        """Write this adapter's weights into the (existing, empty) `folder`."""
+        from safetensors.torch import save_file
+
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(folder / WEIGHTS))
+
+    def load(self, model, folder: Path) -> None:
+        """Load weights that `save` wrote into a model that this adapter's factory just adapted."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / WEIGHTS))
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if state.keys() != expected:
+            raise DifftoolError(f"{folder} does not hold this adapter's weights (it has {len(state)} tensors, "
+                                f"the adapted model {len(expected)} trainable ones); was it saved by another recipe?")
+        model.load_state_dict(state, strict=False)
+
+    def fuse(self, model):
+        """The model with this adapter merged into its base weights: a plain model that loads
+        without the plugin. The model passed in may be changed. Optional."""
+        raise NotImplementedError
+
+
+def check_fusable(adapters: list[Adapter], recipe) -> None:
+    """Refuse run.fuse_adapters before training when an adapter has no `fuse`."""
+    for adapter, table in zip(adapters, recipe["adapters"]):
+        if type(adapter).fuse is Adapter.fuse:
+            raise DifftoolError(f"{recipe.where('run')} fuse_adapters = true, but adapter '{table['name']}' "
+                                "cannot be fused into the model; set fuse_adapters = false")
+
+
+def folders(recipe) -> list[str]:
+    """The folder of each [[adapters]] entry inside a run: adapters/{index}-{name}."""
+    return [f"adapters/{i}-{table['name'].replace(':', '-')}" for i, table in enumerate(recipe["adapters"])]
+
+
+def save(adapters: list[Adapter], model, recipe, folder: Path) -> None:
+    """Save every adapter's weights under `folder`, then the marker listing them."""
+    names = folders(recipe)
+    for adapter, name in zip(adapters, names):
+        (folder / name).mkdir(parents=True)
+        adapter.save(model, folder / name)
+    listing = {"base_model": recipe["model"], "adapters": names}
+    (folder / MARKER).write_text(json.dumps(listing, indent=2) + "\n")
+
+
+def load(adapters: list[Adapter], model, recipe, run_dir: Path) -> None:
+    """Load a finished adapted run's weights into `model`, freshly adapted from its recipe."""
+    for adapter, name in zip(adapters, folders(recipe)):
+        if not (run_dir / name).is_dir():
+            raise DifftoolError(f"{run_dir} has no {name}/; its adapters were not saved completely")
+        adapter.load(model, run_dir / name)
+
+
+def adapted_model(run_dir: Path):
+    """A finished adapted run's model (the base its recipe names, with the run's adapters
+    loaded) and its noise scheduler."""
+    from difftool import build
+    from difftool import recipe as recipes
+
+    recipe = recipes.load(run_dir / "recipe.toml")
+    model = build.model(recipe)
+    load(build.adapters(recipe, model), model, recipe, run_dir)
+    return model, build.noise_scheduler(recipe)
+
+
+def fused(adapters: list[Adapter], model):
+    """A copy of `model` with every adapter merged in (the last added first)."""
+    import copy
+
+    merged = copy.deepcopy(model)
+    for adapter in reversed(adapters):
+        merged = adapter.fuse(merged)
+    return merged
