@@ -93,9 +93,32 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="models, sch
     report_failures()
 
 
-@app.command()
-def plugins() -> None:
+plugins_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+app.add_typer(plugins_app, name="plugins")
+
+
+@plugins_app.callback()
+def plugins(context: typer.Context) -> None:
     """Show installed plugins: version, hooks implemented, components registered, clashes."""
+    if context.invoked_subcommand is None:
+        show_plugins()
+
+
+@plugins_app.command("new")
+def new_plugin(
+    name: str = typer.Argument(..., help="The component's name, e.g. cosine-ddim; the package is difftool-NAME."),
+    kind: str = typer.Option("scheduler", help="What the plugin adds: scheduler or dataset."),
+    directory: Path = typer.Option(Path("."), "--dir", help="Where to write the package folder."),
+) -> None:
+    """Write a minimal, working, tested plugin package to start from."""
+    from difftool.scaffold import new_plugin as write
+
+    folder = write(name, kind, directory)
+    console.print(f"[green]wrote[/] {folder}: `pip install -e {folder}`, then `python -m pytest {folder / 'tests'}`")
+
+
+def show_plugins() -> None:
+    """The table of plugins, then clashes and failures."""
     from difftool.plugins import plugin_version, pm, registries
 
     components: dict[str, dict[str, list[str]]] = {}  # plugin -> kind -> names

@@ -27,15 +27,21 @@ def atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it the usual mode
+    usual_mode(Path(tmp), 0o666)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def usual_mode(path: Path, mode: int) -> None:
+    """Give a temp file (`mode` 0o666) or folder (0o777), which mkstemp/mkdtemp make owner-only,
+    the mode that new ones get under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -6,6 +6,8 @@ import pytest
 
 import difftool
 from difftool import hookspecs, plugins
+from difftool.adapters import Adapter
+from difftool.errors import DifftoolError
 from difftool.plugins import pm, registry
 from difftool.registry import KINDS
 
@@ -166,19 +168,24 @@ def test_plugin_components_are_built_with_recipe_keys_and_context(plugin, tiny_r
             def freeze_down_blocks(model, depth: int = 1):
                 model.down_blocks.requires_grad_(False)
                 seen["depth"] = depth
-                return model
+                return Adapter()  # the defaults save and load the trainable weights
 
             register("freeze-down", freeze_down_blocks, "freezes the down blocks")
+            register("returns-model", lambda model: model, "an adapter written for the old contract")
 
     plugin(Recorder(), "recorder")
     recipe = recipes.load(tiny_recipe('\n[[adapters]]\nname = "freeze-down"\ndepth = 3\n'),
                           ['lr_schedule={name="exp", gamma=0.5}'])
     model = build.model(recipe)
+    build.adapters(recipe, model)
     optimizer = build.optimizer(recipe, model)
     build.lr_schedule(recipe, optimizer, 7)
     assert seen == {"steps": 7, "gamma": 0.5, "depth": 3}
     trainable = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in trainable for p in model.down_blocks.parameters())
+    wrong = recipes.load(tiny_recipe('\n[[adapters]]\nname = "returns-model"\n', name="wrong.toml"))
+    with pytest.raises(DifftoolError, match="returned UNet2DModel, not a difftool.adapters.Adapter"):
+        build.adapters(wrong, build.model(wrong))
 
 
 def test_list_and_plugins_commands(cli):
