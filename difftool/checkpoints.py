@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 from difftool.errors import DifftoolError
-from difftool.files import replace_dir
+from difftool.files import replace_dir, usual_modes
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # sections whose change makes a checkpoint a different experiment
@@ -89,6 +89,7 @@ def save(accelerator, output_dir: Path, step: int, recipe_text: str, limit: int 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / "recipe.toml").write_text(recipe_text)
+        usual_modes(staging)
         replace_dir(staging, final)
         prune(output_dir, limit)
     accelerator.wait_for_everyone()

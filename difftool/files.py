@@ -44,6 +44,16 @@ def usual_mode(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def usual_modes(folder: Path) -> None:
+    """Give every file and folder under `folder` the usual mode (safetensors writes its files
+    owner-only), so a run can be shared like any other output."""
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            usual_mode(Path(root) / name, 0o777)
+        for name in names:
+            usual_mode(Path(root) / name, 0o666)
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
@@ -66,6 +76,7 @@ def publish(write, output_dir: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".saving-"))
     try:
         write(staging)
+        usual_modes(staging)
         with interrupts_deferred():
             for marker in FINISHED_MARKERS:  # incomplete until they move back in
                 (output_dir / marker).unlink(missing_ok=True)

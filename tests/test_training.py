@@ -389,11 +389,13 @@ def test_changing_ema_on_resume_is_refused(tiny_recipe, tmp_path):
 def test_outputs_get_the_usual_file_mode(tiny_recipe):
     old = os.umask(0o022)
     try:
-        output_dir = train(recipes.load(tiny_recipe(), ["run.max_steps=1"]))
+        output_dir = train(recipes.load(tiny_recipe(), ["run.max_steps=1", "run.checkpointing_steps=1"]))
     finally:
         os.umask(old)
-    assert (output_dir / "recipe.toml").stat().st_mode & 0o777 == 0o644
-    assert (output_dir / "samples" / "0000.png").stat().st_mode & 0o777 == 0o644
+    for written in ("recipe.toml", "samples/0000.png", "unet/diffusion_pytorch_model.safetensors",
+                    "checkpoints/checkpoint-1/model.safetensors"):
+        assert (output_dir / written).stat().st_mode & 0o777 == 0o644, written
+    assert (output_dir / "unet").stat().st_mode & 0o777 == 0o755
 
 
 def test_check_builds_optimizer_and_schedule(cli, tiny_recipe):
