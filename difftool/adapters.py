@@ -65,7 +65,10 @@ def save(adapters: list[Adapter], model, recipe, folder: Path) -> None:
     for adapter, name in zip(adapters, names):
         (folder / name).mkdir(parents=True)
         adapter.save(model, folder / name)
-    listing = {"base_model": recipe["model"], "adapters": names}
+    pretrained = recipe["model"].get("pretrained")
+    local = pretrained is not None and Path(pretrained).expanduser().exists()
+    listing = {"base_model": recipe["model"], "adapters": names,
+               "base_model_folder": str(Path(pretrained).expanduser().resolve()) if local else None}
     (folder / MARKER).write_text(json.dumps(listing, indent=2) + "\n")
 
 
@@ -84,6 +87,10 @@ def adapted_model(run_dir: Path):
     from difftool import recipe as recipes
 
     recipe = recipes.load(run_dir / "recipe.toml")
+    folder = json.loads((run_dir / MARKER).read_text()).get("base_model_folder")
+    pretrained = recipe["model"].get("pretrained")
+    if folder and pretrained and not Path(pretrained).expanduser().exists():  # a relative path, from elsewhere
+        recipe["model"]["pretrained"] = folder
     model = build.model(recipe)
     load(build.adapters(recipe, model), model, recipe, run_dir)
     return model, build.noise_scheduler(recipe)

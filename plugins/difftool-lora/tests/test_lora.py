@@ -96,6 +96,16 @@ def test_saved_adapter_loads_back_to_identical_outputs_and_fuses(base, tmp_path,
     assert (run / "samples" / "sample-ddim-2.png").is_file()
 
 
+def test_an_adapted_run_samples_from_any_folder(base, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(base.parent)  # the recipe names its base by a relative path
+    path = lora_recipe(tmp_path, base.relative_to(base.parent))
+    code, _, err = cli("run", path, "--set", "run.max_steps=1")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("sample", tmp_path / "lora", "--num-images", "1", "--steps", "1")
+    assert code == 0, err
+
+
 def test_bad_target_modules_are_one_clear_error(base, tmp_path, cli):
     code, _, err = cli("check", lora_recipe(tmp_path, base, 'target_modules = ["to_q", "attn1"]'))
     assert code == 1
