@@ -149,5 +149,6 @@ class Registry:
         names = [n for n, _ in self.visible()]
         raise DifftoolError(
             f"unknown {noun} '{name}'{suggest(name, names)} "
-            f"(run `difftool list {self.kind}` to see the {len(names)} available)"
+            f"(run `difftool list {self.kind}` to see the {len(names)} available; a plugin package "
+            "may add it: pip install it, then `difftool plugins` lists what it gives)"
         )
