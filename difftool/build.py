@@ -136,8 +136,9 @@ def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True):
     table, seed = recipe["dataset"], recipe["run"]["seed"]
     workers = table["num_workers"]
     return torch.utils.data.DataLoader(
-        ImageDataset(dataset_rows, table["image_size"]),
+        ImageDataset(dataset_rows, table["image_size"], cache=table["cache"], shared=workers > 0),
         batch_size=table["batch_size"], num_workers=workers, persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
         sampler=EpochShuffle(len(dataset_rows), seed) if shuffle else None,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG out of it
     )

@@ -113,18 +113,23 @@ def train(recipe: Recipe, force: bool = False) -> Path:
 
 def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
     """The Accelerator of the tutorial, with the recipe's precision, accumulation and tracker."""
+    from difftool.precision import resolve
+
+    precision = resolve(run["mixed_precision"])
     accelerator = Accelerator(
         # on a machine without CUDA, accelerate sets up gloo for `accelerate launch
         # --multi_gpu --num_processes N` only when told to use the CPU
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
-        mixed_precision=run["mixed_precision"],
+        mixed_precision=precision,
         gradient_accumulation_steps=run["gradient_accumulation_steps"],
         log_with=None if run["log_with"] == "none" else run["log_with"],
         project_dir=str(output_dir / "logs"),
     )
-    if run["mixed_precision"] == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
+    if accelerator.is_main_process and precision == "fp16" and accelerator.device.type == "cpu":
         console.print("[yellow]mixed_precision = 'fp16' needs a GPU; on this CPU the run is fp32 "
-                      "(set run.mixed_precision = 'bf16' for CPU mixed precision)[/]")
+                      "(set run.mixed_precision = 'auto' to use bf16 where the CPU runs it natively)[/]")
+    elif accelerator.is_main_process and run["mixed_precision"] == "auto":
+        console.print(f"mixed_precision = 'auto': {precision} on {accelerator.device.type}")
     return accelerator
 
 
