@@ -1,0 +1,78 @@
+"""The speed levers: mixed_precision = "auto", the uint8 image cache and JPEG draft decoding."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difftool import data, precision
+from difftool import recipe as recipes
+from difftool.engine import train
+from difftool.plugins import registry
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    assert [precision.resolve(p) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+    on_this_cpu = precision.resolve("auto")
+    assert on_this_cpu == ("bf16" if precision.cpu_bf16_is_faster() else "no")
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: True)
+    assert precision.resolve("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precision.resolve("auto") == "fp16"
+
+
+def test_auto_precision_trains(tiny_recipe, capsys):
+    train(recipes.load(tiny_recipe(), ['run.mixed_precision="auto"', "run.max_steps=1"]))
+    assert "mixed_precision = 'auto':" in capsys.readouterr().err
+
+
+def photos(folder, count=6, size=(768, 512)):
+    """`count` JPEG photos of random smooth colours, in `folder`."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(count):
+        coarse = Image.fromarray((rng.random((4, 6, 3)) * 255).astype(np.uint8))
+        coarse.resize(size, Image.BICUBIC).save(folder / f"{i}.jpg", quality=95)
+    return folder
+
+
+def test_each_image_is_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    rows = registry("datasets").get("imagefolder").build({"path": str(photos(tmp_path / "photos"))}, "test")
+    calls = []
+    real_decode = data.decode
+    monkeypatch.setattr(data, "decode", lambda value, size: calls.append(1) or real_decode(value, size))
+    cached = data.ImageDataset(rows, 32)
+    first = [cached[i]["images"] for i in range(len(rows))]
+    again = [cached[i]["images"] for i in range(len(rows))]
+    assert len(calls) == len(rows)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    uncached = data.ImageDataset(rows, 32, cache=False)
+    assert all(torch.equal(uncached[i]["images"], first[i]) for i in range(len(rows)))
+    assert len(calls) == 2 * len(rows)
+    assert first[0].dtype == torch.float32 and first[0].shape == (3, 32, 32)
+    assert -1.0 <= first[0].min() and first[0].max() <= 1.0
+
+
+def test_jpeg_draft_decoding_matches_a_full_decode(tmp_path):
+    path = photos(tmp_path / "photos", count=1) / "0.jpg"
+    drafted = data.decode({"path": str(path), "bytes": None}, 64).float()
+    with Image.open(path) as image:
+        full = torch.from_numpy(np.array(image.convert("RGB").resize((64, 64), Image.BILINEAR))).permute(2, 0, 1).float()
+    assert drafted.shape == (3, 64, 64)
+    assert (drafted - full).abs().mean() < 2.0  # out of 255: the same picture
+
+
+def test_loader_workers_share_one_cache(tmp_path):
+    rows = [{"image": Image.new("RGB", (40, 40), (i * 40, 0, 0))} for i in range(6)]
+    dataset = data.ImageDataset(rows, 16, shared=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2)
+    batches = [batch["images"] for batch in loader]
+    assert dataset.filled.all()  # filled by the workers, seen here
+    assert torch.equal(torch.cat(batches), torch.stack([dataset[i]["images"] for i in range(6)]))
+
+
+def test_training_with_and_without_the_cache_is_identical(tiny_recipe, tmp_path):
+    weights = []
+    for cache in ("true", "false"):
+        output_dir = train(recipes.load(tiny_recipe(output_dir=tmp_path / cache), [f"dataset.cache={cache}", "run.max_steps=3"]))
+        weights.append((output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
