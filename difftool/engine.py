@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -116,6 +117,9 @@ def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
     from difftool.precision import resolve
 
     precision = resolve(run["mixed_precision"])
+    # a second run in one process (tests, notebooks, benchmarks) may want another precision;
+    # Accelerate keeps the first unless its state is reset (the process group is kept)
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         # on a machine without CUDA, accelerate sets up gloo for `accelerate launch
         # --multi_gpu --num_processes N` only when told to use the CPU

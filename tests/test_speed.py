@@ -20,9 +20,11 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert precision.resolve("auto") == "fp16"
 
 
-def test_auto_precision_trains(tiny_recipe, capsys):
+def test_auto_precision_trains_and_runs_in_one_process_may_differ(tiny_recipe, tmp_path, capsys):
     train(recipes.load(tiny_recipe(), ['run.mixed_precision="auto"', "run.max_steps=1"]))
     assert "mixed_precision = 'auto':" in capsys.readouterr().err
+    for wanted in ("bf16", "no"):
+        train(recipes.load(tiny_recipe(output_dir=tmp_path / wanted), [f'run.mixed_precision="{wanted}"', "run.max_steps=1"]))
 
 
 def photos(folder, count=6, size=(768, 512)):
