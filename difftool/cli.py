@@ -57,10 +57,13 @@ def check(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HEL
     """Validate a recipe and build its components (all but the dataset), without training."""
     from difftool import build
     from difftool import recipe as recipes
+    from difftool.adapters import check_fusable
 
     loaded = recipes.load(recipe, set_)
     model = build.model(loaded)
-    build.adapters(loaded, model)
+    applied = build.adapters(loaded, model)
+    if loaded["run"]["fuse_adapters"]:
+        check_fusable(applied, loaded)
     build.sampling_scheduler(loaded, build.noise_scheduler(loaded))
     build.lr_schedule(loaded, build.optimizer(loaded, model), num_training_steps=1)
     for section in ("loss_weighting", "timestep_sampler"):

@@ -339,6 +339,8 @@ def test_checkpoints_of_a_mostly_frozen_model_hold_only_trainable_weights(plugin
     code, _, err = cli("run", tiny_recipe(adapters, output_dir=tmp_path / "fused", name="fused.toml"),
                        "--set", "run.fuse_adapters=true")
     assert code == 1 and "adapter 'test-lora' cannot be fused" in err and not (tmp_path / "fused").exists()
+    code, _, err = cli("check", tmp_path / "fused.toml", "--set", "run.fuse_adapters=true")
+    assert code == 1 and "cannot be fused" in err
     # resuming restores the adapter weights exactly; the frozen base is rebuilt from the recipe
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
