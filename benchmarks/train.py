@@ -47,15 +47,19 @@ def time_tutorial(data: Path, size: int, unet: dict, steps: int) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-class StepTimes:
-    """A difftool plugin that stamps the time of every optimizer step."""
+class StepLog:
+    """A difftool plugin that keeps the time and loss of every optimizer step."""
 
     def __init__(self):
-        self.stamps = []
+        self.stamps, self.losses = [], []
 
     @difftool.hookimpl
     def on_step_end(self, state):
         self.stamps.append(time.perf_counter())
+        self.losses.append(state.loss)
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 def recipe_file(data: dict, folder: Path) -> Path:
@@ -67,31 +71,37 @@ def recipe_file(data: dict, folder: Path) -> Path:
     return path
 
 
-def time_difftool(data: Path, size: int, unet: dict, steps: int, precision: str) -> list[float]:
-    """Step times of `difftool run` on the same work (sampling cut to one image, one step)."""
+def train_logged(recipe: dict) -> StepLog:
+    """`difftool run` of `recipe` (its [run] output_dir filled in with a temp folder), in this
+    process, with every step's time and loss logged."""
     from difftool import recipe as recipes
     from difftool.engine import train
     from difftool.plugins import load_plugins, pm
 
     load_plugins()
-    timer = StepTimes()
-    pm.register(timer, name="benchmark-step-times")
+    log = StepLog()
+    pm.register(log, name="benchmark-step-log")
     try:
         with tempfile.TemporaryDirectory() as out:
-            recipe = {
-                "run": {"output_dir": out, "num_epochs": 50, "max_steps": steps, "mixed_precision": precision,
-                        "save_image_epochs": 1000, "save_model_epochs": 1000},
-                "dataset": {"name": "imagefolder", "path": str(data), "image_size": size, "batch_size": BATCH},
-                "model": {"name": "unet2d", **unet},
-                "noise_scheduler": {"name": "ddpm", "num_train_timesteps": 1000},
-                "optimizer": {"name": "adamw", "lr": 1e-4},
-                "lr_schedule": {"name": "cosine", "num_warmup_steps": 500},
-                "sampling": {"scheduler": "ddim", "num_inference_steps": 1, "num_images": 1},
-            }
+            recipe["run"]["output_dir"] = out
             train(recipes.load(recipe_file(recipe, Path(out))))
     finally:
-        pm.unregister(name="benchmark-step-times")
-    return [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+        pm.unregister(name="benchmark-step-log")
+    return log
+
+
+def time_difftool(data: Path, size: int, unet: dict, steps: int, precision: str) -> list[float]:
+    """Step times of `difftool run` on the same work (sampling cut to one image, one step)."""
+    return train_logged({
+        "run": {"num_epochs": 50, "max_steps": steps, "mixed_precision": precision,
+                "save_image_epochs": 1000, "save_model_epochs": 1000},
+        "dataset": {"name": "imagefolder", "path": str(data), "image_size": size, "batch_size": BATCH},
+        "model": {"name": "unet2d", **unet},
+        "noise_scheduler": {"name": "ddpm", "num_train_timesteps": 1000},
+        "optimizer": {"name": "adamw", "lr": 1e-4},
+        "lr_schedule": {"name": "cosine", "num_warmup_steps": 500},
+        "sampling": {"scheduler": "ddim", "num_inference_steps": 1, "num_images": 1},
+    }).step_times()
 
 
 def flops_per_step(size: int, unet: dict) -> float:

@@ -26,8 +26,9 @@ class Adapter:
         """Write this adapter's weights into the (existing, empty) `folder`."""
         from safetensors.torch import save_file
 
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(folder / WEIGHTS))
+        from difftool.checkpoints import trainable_state
+
+        save_file(trainable_state(model), str(folder / WEIGHTS))
 
     def load(self, model, folder: Path) -> None:
         """Load weights that `save` wrote into a model that this adapter's factory just adapted."""

@@ -105,6 +105,11 @@ def prune(output_dir: Path, limit: int | None) -> None:
             shutil.rmtree(old)
 
 
+def trainable_state(model) -> dict:
+    """The model's trainable weights by name, on the CPU, ready for safetensors."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_only_trainable(accelerator) -> None:
     """Make checkpoints of a mostly frozen model (e.g. with adapters) hold only its trainable weights.
 
@@ -119,8 +124,7 @@ def save_only_trainable(accelerator) -> None:
     def save_hook(models, weights, output_dir):
         for i in reversed(range(len(models))):
             if frozen(models[i]):
-                trainable = {n: p.detach().cpu().contiguous() for n, p in models[i].named_parameters() if p.requires_grad}
-                save_file(trainable, str(Path(output_dir) / f"{i}_{TRAINABLE_FILE}"))
+                save_file(trainable_state(models[i]), str(Path(output_dir) / f"{i}_{TRAINABLE_FILE}"))
                 weights.pop(i)
 
     def load_hook(models, input_dir):
