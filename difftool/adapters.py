@@ -35,8 +35,8 @@ class Adapter:
         from safetensors.torch import load_file
 
         state = load_file(str(folder / WEIGHTS))
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        if state.keys() != expected:
+        expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        if {n: value.shape for n, value in state.items()} != expected:
             raise DifftoolError(f"{folder} does not hold this adapter's weights (it has {len(state)} tensors, "
                                 f"the adapted model {len(expected)} trainable ones); was it saved by another recipe?")
         model.load_state_dict(state, strict=False)

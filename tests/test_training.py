@@ -336,6 +336,14 @@ def test_checkpoints_of_a_mostly_frozen_model_hold_only_trainable_weights(plugin
     code, out, err = cli("sample", lora, "--num-images", "1", "--steps", "2")
     assert code == 0, err
     assert (lora / "samples" / "sample-ddim-2.png").is_file()
+    rank_two = train(recipes.load(tiny_recipe(adapters.replace("r = 4", "r = 2"), output_dir=tmp_path / "r2",
+                                              name="r2.toml"), ["run.max_steps=1"]))
+    weights = "adapters/0-test-lora/adapter_weights.safetensors"
+    shutil.copy(lora / weights, tmp_path / "kept.safetensors")
+    shutil.copy(rank_two / weights, lora / weights)
+    code, _, err = cli("sample", lora, "--num-images", "1", "--steps", "2", "--overwrite")
+    assert code == 1 and "does not hold this adapter's weights" in err
+    shutil.copy(tmp_path / "kept.safetensors", lora / weights)
     code, _, err = cli("run", tiny_recipe(adapters, output_dir=tmp_path / "fused", name="fused.toml"),
                        "--set", "run.fuse_adapters=true")
     assert code == 1 and "adapter 'test-lora' cannot be fused" in err and not (tmp_path / "fused").exists()

@@ -68,8 +68,8 @@ class LoraAdapter(Adapter):
         if not (folder / WEIGHTS).is_file():
             raise DifftoolError(f"{folder} has no {WEIGHTS}; it was not saved by the lora adapter")
         weights = load_file(str(folder / WEIGHTS))
-        expected = get_peft_model_state_dict(model).keys()
-        if weights.keys() != expected:
+        expected = {name: value.shape for name, value in get_peft_model_state_dict(model).items()}
+        if {name: value.shape for name, value in weights.items()} != expected:
             raise DifftoolError(f"{folder}/{WEIGHTS} does not fit this model's LoRA ({len(weights)} tensors, "
                                 f"{len(expected)} expected); was it saved with other target_modules or r?")
         set_peft_model_state_dict(model, weights)

@@ -110,3 +110,23 @@ def test_bad_target_modules_are_one_clear_error(base, tmp_path, cli):
     code, _, err = cli("check", lora_recipe(tmp_path, base, 'target_modules = ["to_q", "attn1"]'))
     assert code == 1
     assert "lora target_modules ['attn1'] match no layer" in err and "Traceback" not in err
+
+
+def test_broken_adapted_runs_and_a_second_lora_are_clear_errors(base, tmp_path, cli):
+    path = lora_recipe(tmp_path, base)
+    code, _, err = cli("check", path, "--set", 'adapters=[{name="lora"}, {name="lora"}]')
+    assert code == 1 and "the model already has a LoRA" in err
+    code, _, err = cli("run", path, "--set", "run.max_steps=1")
+    assert code == 0, err
+    run = tmp_path / "lora"
+    saved = run / "adapters" / "0-lora" / "adapter_model.safetensors"
+    other = train(recipes.load(lora_recipe(tmp_path, base, "r = 2", name="other"), ["run.max_steps=1"]))
+    saved.write_bytes((other / "adapters" / "0-lora" / "adapter_model.safetensors").read_bytes())
+    code, _, err = cli("sample", run, "--num-images", "1", "--steps", "1")
+    assert code == 1 and "does not fit this model's LoRA" in err and "Traceback" not in err
+    saved.unlink()
+    code, _, err = cli("sample", run, "--num-images", "1", "--steps", "1")
+    assert code == 1 and "has no adapter_model.safetensors" in err
+    (run / "adapters" / "0-lora").rename(tmp_path / "moved")
+    code, _, err = cli("sample", run, "--num-images", "1", "--steps", "1")
+    assert code == 1 and "its adapters were not saved completely" in err
