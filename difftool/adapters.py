@@ -93,8 +93,8 @@ def adapted_model(run_dir: Path):
     if folder and pretrained and not Path(pretrained).expanduser().exists():  # a relative path, from elsewhere
         recipe["model"]["pretrained"] = folder
     model = build.model(recipe)
-    load(build.adapters(recipe, model), model, recipe, run_dir)
-    return model, build.noise_scheduler(recipe)
+    load(build.adapters(recipe, model), build.denoiser(model), recipe, run_dir)
+    return model, build.noise_scheduler(recipe, model)
 
 
 def fused(adapters: list[Adapter], model):

@@ -11,16 +11,32 @@ from difftool.recipe import Recipe
 def model(recipe: Recipe):
     """The model, fitted to the image size, with its attention processors set."""
     built = recipe.entries["model"].build(recipe.kwargs("model"), recipe.where("model"))
-    fit_image_size(built, recipe["dataset"]["image_size"], recipe.where("dataset"))
+    if is_latent(built):
+        built.check_image_size(recipe["dataset"]["image_size"], recipe.where("dataset"))
+    else:
+        fit_image_size(built, recipe["dataset"]["image_size"], recipe.where("dataset"))
     if "attention" in recipe.data:
-        set_attention(recipe, built)
+        set_attention(recipe, denoiser(built))
     return built
 
 
+def is_latent(built) -> bool:
+    """Whether the model is a latent text-to-image one (VAE + text encoders + UNet)."""
+    from difftool.latent import LatentDiffusion
+
+    return isinstance(built, LatentDiffusion)
+
+
+def denoiser(built):
+    """The network that predicts noise: the model itself, or a latent model's UNet."""
+    return built.unet if is_latent(built) else built
+
+
 def adapters(recipe: Recipe, built) -> list:
-    """Apply the [[adapters]] to the model in order; returns their Adapter objects."""
+    """Apply the [[adapters]] to the model's denoiser in order; returns their Adapter objects."""
     from difftool.adapters import Adapter
 
+    built = denoiser(built)
     applied = []
     for i, table in enumerate(recipe["adapters"]):
         section = f"adapters.{i}"
@@ -78,8 +94,15 @@ def set_attention(recipe: Recipe, built) -> None:
         layers[name].set_processor(entry.build(kwargs, recipe.where("attention"), model=built, layer=name))
 
 
-def noise_scheduler(recipe: Recipe):
-    """The training (noise) scheduler."""
+def noise_scheduler(recipe: Recipe, built=None):
+    """The training (noise) scheduler. A latent model's inherits the betas and prediction type
+    of the scheduler saved with its pipeline (the recipe's keys win), as diffusers' examples
+    load it with `from_pretrained(..., subfolder="scheduler")`."""
+    if built is not None and is_latent(built):
+        from difftool.sampling import sampling_scheduler as inherit
+
+        return inherit(recipe.entries["noise_scheduler"], dict(built.others["scheduler"].config),
+                       recipe.kwargs("noise_scheduler"), recipe.where("noise_scheduler"))
     return recipe.entries["noise_scheduler"].build(recipe.kwargs("noise_scheduler"), recipe.where("noise_scheduler"))
 
 
@@ -91,22 +114,30 @@ def sampling_scheduler(recipe: Recipe, training_scheduler):
                    recipe.kwargs("sampling"), recipe.where("sampling"))
 
 
-def rows(recipe: Recipe, kwargs: dict):
-    """The dataset factory's rows, checked to be non-empty and to have an `image` column."""
+def rows(recipe: Recipe, kwargs: dict, captions: bool = False):
+    """The dataset factory's rows, checked to be non-empty and to have an `image` column (and
+    the caption column, when `captions`)."""
     name, where = recipe["dataset"]["name"], recipe.where("dataset")
     built = recipe.entries["dataset"].build(kwargs, where)
     if len(built) == 0:
         raise DifftoolError(f"{where} dataset '{name}' is empty")
     if "image" not in built[0]:
         raise DifftoolError(f"{where} dataset '{name}' rows have no 'image' column (they have {list(built[0])})")
+    column = recipe["dataset"]["caption_column"]
+    if captions and column not in built[0]:
+        raise DifftoolError(
+            f"{where} a text-to-image model needs captions, and dataset '{name}' rows have no '{column}' column "
+            f"(they have {list(built[0])}); set caption_column, or give an imagefolder a metadata.jsonl "
+            'with lines like {"file_name": "0001.png", "text": "a caption"}'
+        )
     return built
 
 
-def datasets(recipe: Recipe):
+def datasets(recipe: Recipe, captions: bool = False):
     """(training rows, held-out rows or None): [validation] takes a split or a seeded fraction."""
     import torch
 
-    training = rows(recipe, recipe.kwargs("dataset"))
+    training = rows(recipe, recipe.kwargs("dataset"), captions)
     validation = recipe["validation"]
     if not validation["every_n_steps"]:
         return training, None
@@ -117,7 +148,7 @@ def datasets(recipe: Recipe):
                 f"{recipe.where('validation')} split = '{validation['split']}' needs a dataset that has "
                 f"splits, and '{recipe['dataset']['name']}' has none; hold out a fraction instead"
             )
-        return training, rows(recipe, {**recipe.kwargs("dataset"), "split": validation["split"]})
+        return training, rows(recipe, {**recipe.kwargs("dataset"), "split": validation["split"]}, captions)
     held_out = max(1, round(len(training) * validation["fraction"]))
     if not validation["fraction"] or held_out >= len(training):
         raise DifftoolError(f"{recipe.where('validation')} fraction = {validation['fraction']} leaves no "
@@ -127,8 +158,9 @@ def datasets(recipe: Recipe):
     return subset(training, order[held_out:]), subset(training, order[:held_out])
 
 
-def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True):
-    """A DataLoader over preprocessed rows, shuffled anew each epoch from (seed, epoch)."""
+def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True, captions: bool = False):
+    """A DataLoader over preprocessed rows (with their captions, if asked), shuffled anew each
+    epoch from (seed, epoch)."""
     import torch
 
     from difftool.data import EpochShuffle, ImageDataset
@@ -136,12 +168,27 @@ def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True):
     table, seed = recipe["dataset"], recipe["run"]["seed"]
     workers = table["num_workers"]
     return torch.utils.data.DataLoader(
-        ImageDataset(dataset_rows, table["image_size"], cache=table["cache"], shared=workers > 0),
+        ImageDataset(dataset_rows, table["image_size"], cache=table["cache"], shared=workers > 0,
+                     center_crop=table["center_crop"], caption_column=table["caption_column"] if captions else None),
         batch_size=table["batch_size"], num_workers=workers, persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
         sampler=EpochShuffle(len(dataset_rows), seed) if shuffle else None,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG out of it
     )
+
+
+def latent_cache(recipe: Recipe, latent):
+    """The cache of a latent model's VAE latents (under [dataset] latent_cache_dir, else the user's
+    cache folder), or None when [dataset] cache is off."""
+    from pathlib import Path
+
+    from difftool.latent_cache import LatentCache, default_folder
+
+    table = recipe["dataset"]
+    if not table["cache"]:
+        return None
+    return LatentCache(Path(table["latent_cache_dir"]).expanduser() if table["latent_cache_dir"] else default_folder(),
+                       latent.vae)
 
 
 def component(recipe: Recipe, section: str):

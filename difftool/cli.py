@@ -161,11 +161,21 @@ def sample(
     seed: Optional[int] = typer.Option(None, help="Seed of the starting noise (default: the run's)."),
     out: Optional[Path] = typer.Option(None, help="Grid PNG to write (default: RUN_DIR/samples/sample-SCHEDULER-STEPS.png)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    prompt: Optional[str] = typer.Option(None, help="Text-to-image runs: the prompt (default: the run's [sampling] prompts)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Text-to-image runs: what to guide away from."),
+    guidance_scale: Optional[float] = typer.Option(None, min=0.0, help="Classifier-free guidance scale (default: the run's, 7.5)."),
+    image: Optional[Path] = typer.Option(None, help="Inpaint this image (with --mask)."),
+    mask: Optional[Path] = typer.Option(None, help="Mask for --image: white is repainted, black kept."),
+    strength: float = typer.Option(1.0, min=0.0, max=1.0, help="Inpainting: how far to noise the masked area (1 = fully)."),
+    refiner: Optional[Path] = typer.Option(None, help="SDXL inpainting: a refiner folder that finishes the base's denoising."),
+    denoising_end: float = typer.Option(0.8, min=0.0, max=1.0, help="SDXL with --refiner: fraction of the steps the base does."),
 ) -> None:
-    """Generate a grid of images from a finished run with any registered scheduler."""
-    from difftool.sampling import sample_run
+    """Generate a grid of images from a finished run with any registered scheduler; text-to-image
+    runs take a prompt and guidance, and inpaint with --image and --mask."""
+    from difftool.sampling import Prompting, sample_run
 
-    path = sample_run(run_dir, scheduler, steps, num_images, seed, out, overwrite)
+    prompting = Prompting(prompt, negative_prompt, guidance_scale, image, mask, strength, refiner, denoising_end)
+    path = sample_run(run_dir, scheduler, steps, num_images, seed, out, overwrite, prompting)
     console.print(f"[green]wrote[/] {path}")
 
 

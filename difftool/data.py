@@ -14,16 +14,19 @@ from PIL import Image
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Rows with an `image` column, as {"images": float tensor (3, size, size) in [-1, 1]}.
+    """Rows with an `image` column, as {"images": float tensor (3, size, size) in [-1, 1]}, plus
+    {"captions": str} from `caption_column` when given. With `center_crop`, images are resized
+    on their shorter side and cropped to a square; without it, squashed to a square.
 
     With `cache`, each image is decoded and resized once and kept as uint8 (4 bytes less per
     value than float); later epochs read it from memory. With `shared`, the cache lives in
     shared memory, so DataLoader workers fill and read one cache between them.
     """
 
-    def __init__(self, rows, image_size: int, cache: bool = True, shared: bool = False):
+    def __init__(self, rows, image_size: int, cache: bool = True, shared: bool = False,
+                 center_crop: bool = False, caption_column: str | None = None):
         self.rows = undecoded(rows)
-        self.image_size = image_size
+        self.image_size, self.center_crop, self.caption_column = image_size, center_crop, caption_column
         self.cache = self.filled = None
         if cache:
             self.cache = torch.zeros(len(rows), 3, image_size, image_size, dtype=torch.uint8)
@@ -39,21 +42,31 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.cache is not None and self.filled[index]:
             pixels = self.cache[index]
         else:
-            pixels = decode(self.rows[index]["image"], self.image_size)
+            pixels = decode(self.rows[index]["image"], self.image_size, self.center_crop)
             if self.cache is not None:
                 self.cache[index] = pixels
                 self.filled[index] = True
-        return {"images": pixels.float() / 127.5 - 1.0}
+        item = {"images": pixels.float() / 127.5 - 1.0}
+        if self.caption_column is not None:
+            item["captions"] = self.rows[index][self.caption_column] or ""
+        return item
 
 
-def decode(value, size: int) -> torch.Tensor:
-    """A PIL image, or datasets' undecoded {"path", "bytes"}, as uint8 (3, size, size)."""
+def decode(value, size: int, center_crop: bool = False) -> torch.Tensor:
+    """A PIL image, or datasets' undecoded {"path", "bytes"}, as uint8 (3, size, size): squashed
+    to the square, or with `center_crop` resized on its shorter side and cropped at the centre."""
     image = value if isinstance(value, Image.Image) else Image.open(value["path"] or io.BytesIO(value["bytes"]))
     # a JPEG not yet decoded is decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at
     # least `size` (much faster for large photos); other formats ignore this
     image.draft("RGB", (size, size))
+    image = image.convert("RGB")
+    box = None
+    if center_crop:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        box = (left, top, left + side, top + side)
     # bilinear with PIL's antialiasing, as torchvision's Resize does on PIL images
-    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    image = image.resize((size, size), Image.BILINEAR, box=box)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 

@@ -21,10 +21,11 @@ from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
 from difftool.plugins import pm
 from difftool.recipe import Recipe, dump
-from difftool.sampling import generate, grid
+from difftool.sampling import generate, grid, text_to_image
 from difftool.state import TrainState
 
 console = Console(stderr=True)
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # for frozen parts
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Parts:
     validation: object  # a DataLoader of held-out images, or None
     adapters: list  # the difftool.adapters.Adapter of each [[adapters]] entry
     recipe_text: str  # the resolved recipe with provenance, as written into every checkpoint
+    latent: object = None  # the LatentDiffusion model, for text-to-image; else None
+    latent_cache: object = None  # its LatentCache, when [dataset] cache is on
 
 
 def train(recipe: Recipe, force: bool = False) -> Path:
@@ -63,21 +66,27 @@ def train(recipe: Recipe, force: bool = False) -> Path:
     set_seed(run["seed"])
 
     model = build.model(recipe)
+    latent = model if build.is_latent(model) else None
     applied = build.adapters(recipe, model)
     if run["fuse_adapters"]:
         adapters.check_fusable(applied, recipe)
-    noise_scheduler = build.noise_scheduler(recipe)
-    train_rows, validation_rows = build.datasets(recipe)
+    noise_scheduler = build.noise_scheduler(recipe, model)
+    train_rows, validation_rows = build.datasets(recipe, captions=latent is not None)
     parts = Parts(
         noise_scheduler=noise_scheduler,
         sampler=build.sampling_scheduler(recipe, noise_scheduler),
         loss_weighting=build.component(recipe, "loss_weighting"),
         timestep_sampler=build.component(recipe, "timestep_sampler"),
-        loader=accelerator.prepare(build.dataloader(recipe, train_rows)),
-        validation=None if validation_rows is None else build.dataloader(recipe, validation_rows, shuffle=False),
+        loader=accelerator.prepare(build.dataloader(recipe, train_rows, captions=latent is not None)),
+        validation=None if validation_rows is None else build.dataloader(
+            recipe, validation_rows, shuffle=False, captions=latent is not None),
         adapters=applied,
         recipe_text=dump(recipe, provenance(recipe)),
+        latent=latent,
     )
+    if latent is not None:
+        latent.cast_frozen(WEIGHT_DTYPES[accelerator.mixed_precision])
+        parts.latent_cache = build.latent_cache(recipe, latent)
     optimizer = build.optimizer(recipe, model)
     plan = make_plan(recipe, len(parts.loader))
     lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
@@ -174,7 +183,7 @@ def train_epoch(state: TrainState, parts: Parts, plan: Plan, report) -> None:
         batches.set_epoch(state.epoch)
     started, steps = time.perf_counter(), 0
     for batch in batches:
-        if not train_step(state, parts, batch["images"]):
+        if not train_step(state, parts, batch):
             continue
         steps += 1
         report(steps * images_per_step / (time.perf_counter() - started))
@@ -183,18 +192,38 @@ def train_epoch(state: TrainState, parts: Parts, plan: Plan, report) -> None:
             break
 
 
-def train_step(state: TrainState, parts: Parts, clean: torch.Tensor) -> bool:
+def model_inputs(state: TrainState, parts: Parts, batch: dict, training: bool = True, generator=None):
+    """(clean samples, conditioning keywords for the model) of a batch: the images themselves,
+    randomly flipped in training; for a latent model, their VAE latents (cached if on) and their
+    captions' text embeddings, captions dropped to "" at the caption_dropout rate in training."""
+    table = state.recipe["dataset"]
+    images = random_flip(batch["images"]) if training and table["random_flip"] else batch["images"]
+    latent = parts.latent
+    if latent is None:
+        return images, {}
+    if parts.latent_cache is not None:
+        parameters = parts.latent_cache.encode(images, latent.encode_images)
+    else:
+        parameters = latent.encode_images(images)
+    captions = list(batch["captions"])
+    if training and table["caption_dropout"]:
+        dropped = (torch.rand(len(captions)) < table["caption_dropout"]).tolist()
+        captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
+    return latent.sample_latents(parameters, generator), latent.encode_prompts(captions, table["image_size"])
+
+
+def train_step(state: TrainState, parts: Parts, batch: dict) -> bool:
     """One micro-batch; returns True when it completed an optimizer step (not a skipped one)."""
     accelerator, model, run = state.accelerator, state.model, state.recipe["run"]
     settings = state.recipe["objective"]
     state.batches_done += 1
-    if state.recipe["dataset"]["random_flip"]:
-        clean = random_flip(clean)
+    clean, conditioning = model_inputs(state, parts, batch)
     scheduler = parts.noise_scheduler
     timesteps = parts.timestep_sampler(clean.shape[0], scheduler.config.num_train_timesteps, clean.device)
     noise, noisy = objective.add_noise(scheduler, clean, timesteps, settings["noise_offset"])
     with accelerator.accumulate(model):
-        loss = objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings, parts.loss_weighting)
+        loss = objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings,
+                                      parts.loss_weighting, conditioning)
         value = loss.detach().item()  # the one device sync of the step
         if finite_everywhere(accelerator, value):
             accelerator.backward(loss)
@@ -259,6 +288,11 @@ def after_step(state: TrainState, parts: Parts) -> None:
     """Hooks, validation and checkpoints at their step intervals."""
     run, validation = state.recipe["run"], state.recipe["validation"]
     pm.hook.on_step_end(state=state)
+    every = state.recipe["sampling"]["every_n_steps"]
+    if every and state.global_step % every == 0:
+        if state.accelerator.is_main_process:
+            save_samples(state, parts, state.accelerator.unwrap_model(state.model), f"step-{state.global_step:06d}.png")
+        state.accelerator.wait_for_everyone()
     if parts.validation is not None and state.global_step % validation["every_n_steps"] == 0:
         validate(state, parts)
     if run["checkpointing_steps"] and state.global_step % run["checkpointing_steps"] == 0:
@@ -278,11 +312,13 @@ def validate(state: TrainState, parts: Parts) -> None:
         losses = []
         with torch.no_grad(), accelerator.autocast():
             for index, batch in zip(range(state.recipe["validation"]["num_batches"]), parts.validation):
-                clean = batch["images"].to(accelerator.device)
+                batch = {**batch, "images": batch["images"].to(accelerator.device)}
                 generator = torch.Generator().manual_seed(index)
+                clean, conditioning = model_inputs(state, parts, batch, training=False, generator=generator)
                 timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(clean.device)
                 noise, noisy = objective.add_noise(scheduler, clean, timesteps, generator=generator)
-                losses.append(objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings).item())
+                losses.append(objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings,
+                                                     conditioning=conditioning).item())
         model.train()
         state.val_loss = sum(losses) / len(losses)
         accelerator.log({"val_loss": state.val_loss}, step=state.global_step)
@@ -293,51 +329,79 @@ def end_of_epoch(state: TrainState, parts: Parts, last: bool) -> None:
     """Save a sample grid and the pipeline (EMA weights if enabled) at the recipe's epoch intervals."""
     accelerator, run, epoch = state.accelerator, state.recipe["run"], state.epoch
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(state.model)
+        model = accelerator.unwrap_model(state.model)
         if (epoch + 1) % run["save_image_epochs"] == 0 or last:
-            with weights_for_output(state, unet):
-                images = sample_images(state, unet, parts.sampler)
-            files.save_image(grid(images), state.output_dir / "samples" / f"{epoch:04d}.png")
-            pm.hook.on_samples(state=state, images=images)
+            save_samples(state, parts, model, f"{epoch:04d}.png")
         if (epoch + 1) % run["save_model_epochs"] == 0 or last:
-            files.publish(lambda folder: write_model(state, parts, unet, folder), state.output_dir)
+            files.publish(lambda folder: write_model(state, parts, model, folder), state.output_dir)
     accelerator.wait_for_everyone()
 
 
-def write_model(state: TrainState, parts: Parts, unet, folder: Path) -> None:
-    """What the run produced, with EMA weights when [ema] is enabled: the adapters alone (and,
-    with run.fuse_adapters, the fused pipeline) for an adapted model, else
-    DDPMPipeline(unet, scheduler).save_pretrained with the raw weights in unet_raw/."""
-    from diffusers import DDPMPipeline
+def save_samples(state: TrainState, parts: Parts, model, name: str) -> None:
+    """Sample with the output weights into samples/`name` and the tracker; calls on_samples."""
+    with weights_for_output(state, model):
+        images = sample_images(state, parts, model)
+    picture = grid(images)
+    files.save_image(picture, state.output_dir / "samples" / name)
+    if state.recipe["run"]["log_with"] == "tensorboard":
+        import numpy as np
 
+        writer = state.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("samples", np.asarray(picture), state.global_step, dataformats="HWC")
+    pm.hook.on_samples(state=state, images=images)
+
+
+def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
+    """What the run produced, with EMA weights when [ema] is enabled: the adapters alone (and,
+    with run.fuse_adapters, the fused pipeline) for an adapted model, else the pipeline
+    (DDPMPipeline, or the latent model's own) by save_pretrained, with the raw weights in
+    unet_raw/. A latent model's LoRA is also saved as pytorch_lora_weights.safetensors, which
+    the diffusers pipeline's `load_lora_weights(folder)` loads."""
+    unet = build.denoiser(model)
     if state.ema is not None and not parts.adapters:
         unet.save_pretrained(folder / "unet_raw")
-    with weights_for_output(state, unet):
+    with weights_for_output(state, model):
         if parts.adapters:
             adapters.save(parts.adapters, unet, state.recipe, folder)
+            if parts.latent is not None:
+                parts.latent.save_lora_weights(folder)
         if not parts.adapters or state.recipe["run"]["fuse_adapters"]:
-            model = adapters.fused(parts.adapters, unet) if parts.adapters else unet
-            DDPMPipeline(unet=model, scheduler=parts.noise_scheduler).save_pretrained(folder)
+            output_unet = adapters.fused(parts.adapters, unet) if parts.adapters else unet
+            pipeline(parts, output_unet, parts.noise_scheduler).save_pretrained(folder)
 
 
-def weights_for_output(state: TrainState, unet):
-    """The EMA weights swapped into `unet` when [ema] is enabled, else the weights as they are."""
-    return state.ema.swapped_in(unet) if state.ema is not None else contextlib.nullcontext(unet)
+def pipeline(parts: Parts, unet, scheduler):
+    """The diffusers pipeline of the run: DDPMPipeline, or the latent model's with `unet`."""
+    from diffusers import DDPMPipeline
+
+    if parts.latent is not None:
+        return parts.latent.pipeline(unet, scheduler)
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
-def sample_images(state: TrainState, unet, sampler) -> list:
-    """The [sampling] images from the current weights."""
+def weights_for_output(state: TrainState, model):
+    """The EMA weights swapped into `model` when [ema] is enabled, else the weights as they are."""
+    return state.ema.swapped_in(model) if state.ema is not None else contextlib.nullcontext(model)
+
+
+def sample_images(state: TrainState, parts: Parts, model) -> list:
+    """The [sampling] images from the current weights: unconditional, or of the [sampling]
+    prompts with classifier-free guidance for a latent model."""
     sampling, run = state.recipe["sampling"], state.recipe["run"]
+    unet = build.denoiser(model)
     unet.eval()
-    images = generate(
-        unet, sampler,
+    settings = dict(
         num_images=sampling["num_images"],
-        num_inference_steps=sampling["num_inference_steps"] or sampler.config.num_train_timesteps,
+        num_inference_steps=sampling["num_inference_steps"] or parts.sampler.config.num_train_timesteps,
         seed=run["seed"] if sampling["seed"] is None else sampling["seed"],
         image_size=state.recipe["dataset"]["image_size"],
-        device=state.accelerator.device,
         autocast=state.accelerator.autocast,
     )
+    if parts.latent is not None:
+        images = text_to_image(parts.latent.pipeline(scheduler=parts.sampler), sampling["prompts"] or [""],
+                               sampling["negative_prompt"], sampling["guidance_scale"], **settings)
+    else:
+        images = generate(unet, parts.sampler, device=state.accelerator.device, **settings)
     unet.train()
     return images
 

@@ -57,10 +57,12 @@ def loss(prediction, wanted, kind: str, huber_delta: float, weights) -> torch.Te
     return (per_sample * weights.to(per_sample)).mean()
 
 
-def compute_loss(model, noise_scheduler, clean, noise, noisy, timesteps, settings: dict, weighting=None):
-    """The model's loss on one noised batch, by the [objective] settings and a loss weighting."""
+def compute_loss(model, noise_scheduler, clean, noise, noisy, timesteps, settings: dict, weighting=None,
+                 conditioning: dict | None = None):
+    """The model's loss on one noised batch, by the [objective] settings and a loss weighting;
+    `conditioning` holds the model's extra keywords (a latent model's text embeddings)."""
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
     weights = weighting(timesteps, noise_scheduler, prediction_type) if weighting else None
-    prediction = model(noisy, timesteps, return_dict=False)[0]
+    prediction = model(noisy, timesteps, return_dict=False, **(conditioning or {}))[0]
     wanted = target(noise_scheduler, prediction_type, clean, noise, timesteps)
     return loss(prediction, wanted, settings["loss"], settings["huber_delta"], weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,19 @@ def generate(unet, scheduler, num_images: int, num_inference_steps: int, seed: i
     return numpy_to_pil(pixels)
 
 
+def text_to_image(pipeline, prompts: list[str], negative_prompt: str, guidance_scale: float, num_images: int,
+                  num_inference_steps: int, seed: int, image_size: int, autocast=contextlib.nullcontext) -> list:
+    """`num_images` PIL images from a diffusers text-to-image pipeline, going round `prompts`,
+    with classifier-free guidance at `guidance_scale` away from `negative_prompt`."""
+    import torch
+
+    chosen = [prompts[i % len(prompts)] for i in range(num_images)]
+    with torch.no_grad(), autocast():
+        return pipeline(prompt=chosen, negative_prompt=[negative_prompt] * num_images, guidance_scale=guidance_scale,
+                        num_inference_steps=num_inference_steps, height=image_size, width=image_size,
+                        generator=torch.Generator().manual_seed(seed)).images
+
+
 def grid(images: list):
     """The images in one PIL image, as close to square as their count allows."""
     from diffusers.utils import make_image_grid
@@ -50,20 +64,39 @@ def grid(images: list):
     return make_image_grid(images, rows=rows, cols=len(images) // rows)
 
 
+@dataclass
+class Prompting:
+    """What `difftool sample` asks of a text-to-image run; None takes the run's [sampling] value."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    image: Path | None = None  # inpaint this image ...
+    mask: Path | None = None  # ... where this mask is white
+    strength: float = 1.0
+    refiner: Path | None = None  # an SDXL refiner folder that finishes the base's denoising
+    denoising_end: float = 0.8  # the fraction of denoising the base does before the refiner
+
+    def asked(self) -> list[str]:
+        """The options given that only a text-to-image run can use."""
+        defaults = Prompting()
+        return [f"--{name.replace('_', '-')}" for name in vars(self) if getattr(self, name) != getattr(defaults, name)]
+
+
 def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_images: int | None,
-               seed: int | None, out: Path | None, overwrite: bool) -> Path:
-    """Generate a grid from a finished run's pipeline; what is not given comes from its recipe."""
+               seed: int | None, out: Path | None, overwrite: bool, prompting: Prompting | None = None) -> Path:
+    """Generate a grid from a finished run's pipeline; what is not given comes from its recipe.
+    A text-to-image run samples `prompting`'s prompt with classifier-free guidance, or inpaints."""
     import tomllib
 
     from accelerate import PartialState
-    from diffusers import DiffusionPipeline
     from PIL import Image
 
-    from difftool import adapters
     from difftool.files import finished, save_image
     from difftool.plugins import registry
     from difftool.recipe import SCHEMA
 
+    prompting = prompting or Prompting()
     if not finished(run_dir):
         raise DifftoolError(f"{run_dir} is not a finished difftool run (it has no saved pipeline or adapters); "
                             "give the output_dir of a run that saved its model")
@@ -79,18 +112,108 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
     seed = seed if seed is not None else sampling.get("seed", saved.get("run", {}).get("seed", 0))
     if out is not None and out.suffix.lower() not in Image.registered_extensions():
         raise DifftoolError(f"--out {out}: give a file name with an image extension, e.g. grid.png")
-    if (run_dir / adapters.MARKER).is_file():  # base + adapters, even where a fused copy was saved too
-        unet, training_scheduler = adapters.adapted_model(run_dir)
-    else:
-        pipeline = DiffusionPipeline.from_pretrained(run_dir)
-        unet, training_scheduler = pipeline.unet, pipeline.scheduler
+    unet, training_scheduler, latent = load_run(run_dir)
+    if latent is None and prompting.asked():
+        raise DifftoolError(f"{', '.join(prompting.asked())} need a text-to-image run, and {run_dir} holds an "
+                            "unconditional model; leave them out")
     chosen = sampling_scheduler(entry, dict(training_scheduler.config), overrides, f"--scheduler {name}")
     steps = steps or chosen.config.num_train_timesteps
-    out = out or run_dir / "samples" / f"sample-{name.replace(':', '-')}-{steps}.png"
+    kind = "inpaint" if prompting.image or prompting.mask else "sample"
+    out = out or run_dir / "samples" / f"{kind}-{name.replace(':', '-')}-{steps}.png"
     if out.exists() and not overwrite:
         raise DifftoolError(f"{out} already exists; choose another --out or pass --overwrite")
     device = PartialState().device
     unet = unet.to(device).eval()
-    images = generate(unet, chosen, num_images, steps, seed, unet.config.sample_size, device)
+    image_size = saved.get("dataset", {}).get("image_size") or unet.config.sample_size
+    if latent is None:
+        images = generate(unet, chosen, num_images, steps, seed, image_size, device)
+    else:
+        latent.to(device)
+        text = dict(
+            prompts=[prompting.prompt] if prompting.prompt is not None else sampling.get("prompts") or [""],
+            negative_prompt=first(prompting.negative_prompt, sampling.get("negative_prompt"), ""),
+            guidance_scale=first(prompting.guidance_scale, sampling.get("guidance_scale"), 7.5),
+            num_images=num_images, num_inference_steps=steps, seed=seed, image_size=image_size,
+        )
+        if kind == "inpaint":
+            images = inpaint(latent.pipeline(unet, chosen), prompting, **text)
+        else:
+            images = text_to_image(latent.pipeline(unet, chosen), **text)
     save_image(grid(images), out)
     return out
+
+
+def first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
+def load_run(run_dir: Path):
+    """(denoiser, training scheduler, LatentDiffusion or None) of a finished run: an adapted run
+    is its base with its adapters loaded, where a fused copy was saved too."""
+    from diffusers import DiffusionPipeline
+
+    from difftool import adapters, build
+    from difftool.latent import LatentDiffusion
+
+    if (run_dir / adapters.MARKER).is_file():
+        model, training_scheduler = adapters.adapted_model(run_dir)
+        return build.denoiser(model), training_scheduler, model if build.is_latent(model) else None
+    pipeline = DiffusionPipeline.from_pretrained(run_dir)
+    latent = LatentDiffusion(pipeline, str(run_dir)) if hasattr(pipeline, "text_encoder") else None
+    return pipeline.unet, pipeline.scheduler, latent
+
+
+def inpaint(pipeline, prompting: Prompting, prompts: list[str], negative_prompt: str, guidance_scale: float,
+            num_images: int, num_inference_steps: int, seed: int, image_size: int) -> list:
+    """Repaint where the mask is white (SD inpainting; for SDXL with --refiner, the base denoises
+    up to `denoising_end` and the refiner finishes, as diffusers' base+refiner recipe does).
+    Image and mask are resized to the run's resolution, and the pixels outside the mask are
+    pasted back from the image, so what was to be kept is kept exactly."""
+    import torch
+    from diffusers import AutoPipelineForInpainting
+    from PIL import Image
+
+    if not (prompting.image and prompting.mask):
+        raise DifftoolError("inpainting needs both --image and --mask (white where to repaint)")
+    image, mask = (open_image(path, mode, image_size) for path, mode in ((prompting.image, "RGB"), (prompting.mask, "L")))
+    mask = mask.point(lambda v: 255 if v >= 128 else 0)
+    base = AutoPipelineForInpainting.from_pipe(pipeline)
+    call = dict(prompt=[prompts[0]] * num_images, negative_prompt=[negative_prompt] * num_images, image=image,
+                mask_image=mask, height=image_size, width=image_size, strength=prompting.strength,
+                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+    with torch.no_grad():
+        if prompting.refiner is None:
+            painted = base(**call, generator=torch.Generator().manual_seed(seed)).images
+        else:
+            refiner = load_refiner(prompting.refiner, pipeline)
+            latents = base(**call, denoising_end=prompting.denoising_end, output_type="latent",
+                           generator=torch.Generator().manual_seed(seed)).images
+            painted = refiner(**{**call, "image": latents}, denoising_start=prompting.denoising_end,
+                              generator=torch.Generator().manual_seed(seed)).images
+    return [Image.composite(result.resize(image.size), image, mask) for result in painted]
+
+
+def open_image(path: Path, mode: str, size: int):
+    """The image at `path` in `mode`, resized to size x size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode).resize((size, size), Image.BICUBIC)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DifftoolError(f"{path} is not a readable image ({exc}); give a PNG or JPEG") from exc
+
+
+def load_refiner(folder: Path, base):
+    """The SDXL inpainting refiner at `folder`, sharing the base's second text encoder and VAE."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    if not hasattr(base, "text_encoder_2"):
+        raise DifftoolError("--refiner is for Stable Diffusion XL runs; this run is not one")
+    if not (Path(folder) / "model_index.json").is_file():
+        raise DifftoolError(f"--refiner {folder} is not a diffusers pipeline folder (no model_index.json); "
+                            "point it at a local SDXL refiner")
+    refiner = StableDiffusionXLInpaintPipeline.from_pretrained(folder, text_encoder_2=base.text_encoder_2, vae=base.vae)
+    refiner.set_progress_bar_config(disable=True)
+    return refiner.to(base.device)

@@ -41,7 +41,7 @@ def test_each_image_is_decoded_once_then_read_from_the_cache(tmp_path, monkeypat
     rows = registry("datasets").get("imagefolder").build({"path": str(photos(tmp_path / "photos"))}, "test")
     calls = []
     real_decode = data.decode
-    monkeypatch.setattr(data, "decode", lambda value, size: calls.append(1) or real_decode(value, size))
+    monkeypatch.setattr(data, "decode", lambda value, size, center_crop=False: calls.append(1) or real_decode(value, size, center_crop))
     cached = data.ImageDataset(rows, 32)
     first = [cached[i]["images"] for i in range(len(rows))]
     again = [cached[i]["images"] for i in range(len(rows))]

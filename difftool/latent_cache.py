@@ -1,0 +1,87 @@
+"""A disk cache of VAE latent distributions, so epochs (and runs) after the first skip the VAE.
+
+An entry is found by two digests: one of the VAE (its config, its weights and the dtype it
+encodes in), naming the cache's folder, and one of the exact preprocessed pixels handed to it
+(so the dataset, resolution, crop, flip and any other preprocessing are all part of the key),
+naming the file. A changed VAE or a changed image can therefore never meet a stale entry.
+Entries are written atomically, one file each, so processes of a distributed run and runs
+side by side share a cache safely, and an interrupted run keeps what it encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from difftool.files import atomic_path, usual_mode
+
+
+def default_folder() -> Path:
+    """$DIFFTOOL_CACHE_DIR, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)/difftool."""
+    if os.environ.get("DIFFTOOL_CACHE_DIR"):
+        return Path(os.environ["DIFFTOOL_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "difftool"
+
+
+def vae_digest(vae) -> str:
+    """A digest of the VAE's class, config, weights and dtype."""
+    digest = hashlib.blake2b(digest_size=16)
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    digest.update(json.dumps([type(vae).__name__, config, str(vae.dtype)], sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pixel_digests(pixels: torch.Tensor) -> list[str]:
+    """A digest of each image's exact values (any dtype, any device)."""
+    values = pixels.detach().cpu().contiguous()
+    return [hashlib.blake2b(image.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest() for image in values]
+
+
+class LatentCache:
+    """Latent distributions by pixel digest, in memory and under `folder`/latents/{vae digest}/."""
+
+    def __init__(self, folder: Path, vae):
+        self.folder = Path(folder) / "latents" / vae_digest(vae)
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def encode(self, pixels: torch.Tensor, encode) -> torch.Tensor:
+        """`encode(pixels)` for the batch, computed only for images not cached yet."""
+        from safetensors.torch import load_file
+
+        digests = pixel_digests(pixels)
+        found = {}
+        for i, digest in enumerate(digests):
+            if digest in self.memory:
+                found[i] = self.memory[digest]
+            elif (self.path(digest)).is_file():
+                found[i] = self.memory[digest] = load_file(str(self.path(digest)))["latent"]
+        missing = [i for i in range(len(digests)) if i not in found]
+        self.hits += len(found)
+        self.misses += len(missing)
+        if missing:
+            encoded = encode(pixels[missing])
+            for i, latent in zip(missing, encoded):
+                found[i] = self.memory[digests[i]] = self.store(digests[i], latent)
+        return torch.stack([found[i] for i in range(len(digests))]).to(pixels.device)
+
+    def path(self, digest: str) -> Path:
+        return self.folder / digest[:2] / f"{digest}.safetensors"
+
+    def store(self, digest: str, latent: torch.Tensor) -> torch.Tensor:
+        from safetensors.torch import save_file
+
+        latent = latent.detach().cpu().contiguous()
+        path = self.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as partial:
+            save_file({"latent": latent}, str(partial))
+            usual_mode(partial, 0o666)  # safetensors writes owner-only
+        return latent
