@@ -64,7 +64,7 @@ def check(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HEL
     applied = build.adapters(loaded, model)
     if loaded["run"]["fuse_adapters"]:
         check_fusable(applied, loaded)
-    build.sampling_scheduler(loaded, build.noise_scheduler(loaded))
+    build.sampling_scheduler(loaded, build.noise_scheduler(loaded, model))
     build.lr_schedule(loaded, build.optimizer(loaded, model), num_training_steps=1)
     for section in ("loss_weighting", "timestep_sampler"):
         build.component(loaded, section)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from difftool.errors import DifftoolError, hub_unreachable
+from difftool.errors import DifftoolError
 
 
 class LatentDiffusion(torch.nn.Module):
@@ -43,11 +43,12 @@ class LatentDiffusion(torch.nn.Module):
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Keep the frozen encoders in the run's half precision (as diffusers' examples do), the
         VAE too unless its config asks to stay in float32 (SDXL's overflows in fp16)."""
-        for module in (self.text_encoder, self.text_encoder_2):
-            if module is not None:
-                module.to(dtype=dtype)
+        frozen = [self.text_encoder, self.text_encoder_2]
         if not self.vae.config.get("force_upcast", False):
-            self.vae.to(dtype=dtype)
+            frozen.append(self.vae)
+        for module in frozen:
+            if module is not None and module.dtype != dtype:
+                module.to(dtype=dtype)
 
     def check_image_size(self, image_size: int, where: str) -> None:
         """The UNet halves the latents once per down block but the last; the VAE halves images."""
@@ -136,7 +137,12 @@ def load(pipeline_class, pretrained: str, revision: str | None, variant: str | N
     try:
         pipeline = pipeline_class.from_pretrained(pretrained, **options)
     except OSError as exc:
-        raise hub_unreachable(f"the pipeline '{pretrained}'", exc) from exc
+        raise DifftoolError(
+            f"[model] pretrained = '{pretrained}' is no local folder, and as a hub id it could not be loaded "
+            f"({type(exc).__name__}: {str(exc)[:200]}); point pretrained at a local diffusers pipeline folder "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or download it where "
+            "the Hugging Face Hub is reachable"
+        ) from exc
     return LatentDiffusion(pipeline, pretrained)
 
 

@@ -26,13 +26,22 @@ _ACCENTS = np.array([
 _BASE, _EDGE, _FORE_ACCENT, _HIND_ACCENT, _WHITE, _BODY = range(1, 7)
 
 
-def synthetic_butterflies(count: int = 1000, seed: int = 0, size: int = 64) -> list[dict]:
-    """`count` butterfly-like RGB images of `size` px, as rows {"image": PIL.Image}."""
+# The colour word of each wing base colour, for captions.
+_BASE_NAMES = ["orange"] * 3 + ["blue"] * 3 + ["yellow"] * 2 + ["white"] * 2 + ["brown"] * 2 + ["black"] * 2
+
+
+def synthetic_butterflies(count: int = 1000, seed: int = 0, size: int = 64, captions: bool = False) -> list[dict]:
+    """`count` butterfly-like RGB images of `size` px, as rows {"image": PIL.Image}; with
+    `captions`, also {"text": "a blue butterfly"}, naming the wings' base colour."""
     if count < 1:
         raise ValueError(f"count must be >= 1 (got {count}); pass a positive number of images.")
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels (got {size}); pass size=8 or larger.")
-    return [{"image": draw_butterfly(np.random.default_rng([seed, i]), size)} for i in range(count)]
+    rows = [{"image": draw_butterfly(np.random.default_rng([seed, i]), size)} for i in range(count)]
+    if captions:  # the base colour is the first draw of each image's generator
+        for i, row in enumerate(rows):
+            row["text"] = f"a {_BASE_NAMES[np.random.default_rng([seed, i]).integers(len(_BASES))]} butterfly"
+    return rows
 
 
 def draw_butterfly(rng: np.random.Generator, size: int) -> Image.Image:

@@ -74,7 +74,7 @@ def save_sample_maps(state, images: list) -> None:
 
     model = state.accelerator.unwrap_model(state.model)
     layers = recorders(model)
-    if not layers:
+    if not layers or build.is_latent(model):  # text-to-image: use capture(pipeline.unet) around a call
         return
     scheduler = build.noise_scheduler(state.recipe)
     timestep = next(iter(layers.values())).timestep or scheduler.config.num_train_timesteps // 10
