@@ -64,7 +64,9 @@ class LatentDiffusion(torch.nn.Module):
 
     def sample_latents(self, parameters: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw from the latent distribution, shifted and scaled as the UNet sees latents."""
-        mean, logvar = parameters.float().chunk(2, dim=1)
+        # contiguous: the VAE's output is channels-last in memory and the cache's is not, and
+        # randn_like (here and in the forward process) draws its noise in memory order
+        mean, logvar = parameters.float().contiguous().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         noise = torch.randn(mean.shape, generator=generator).to(mean.device) if generator else torch.randn_like(mean)
         latents = mean + std * noise
@@ -108,10 +110,13 @@ class LatentDiffusion(torch.nn.Module):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft import get_peft_model_state_dict
 
-        if not getattr(self.unet, "peft_config", None):
+        configs = getattr(self.unet, "peft_config", None)
+        if not configs:
             return
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        self.pipeline_class.save_lora_weights(folder, unet_lora_layers=layers)
+        # the LoraConfig goes along as metadata, so lora_alpha (the scale) survives loading
+        metadata = next(iter(configs.values())).to_dict()
+        self.pipeline_class.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
 
 
 def load(pipeline_class, pretrained: str, revision: str | None, variant: str | None) -> LatentDiffusion:

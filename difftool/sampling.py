@@ -119,6 +119,8 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
     chosen = sampling_scheduler(entry, dict(training_scheduler.config), overrides, f"--scheduler {name}")
     steps = steps or chosen.config.num_train_timesteps
     kind = "inpaint" if prompting.image or prompting.mask else "sample"
+    if prompting.refiner is not None and kind != "inpaint":
+        raise DifftoolError("--refiner is for SDXL inpainting; give --image and --mask too")
     out = out or run_dir / "samples" / f"{kind}-{name.replace(':', '-')}-{steps}.png"
     if out.exists() and not overwrite:
         raise DifftoolError(f"{out} already exists; choose another --out or pass --overwrite")

@@ -86,5 +86,7 @@ class LoraAdapter(Adapter):
                 setattr(model.get_submodule(parent_name), child, module.get_base_layer())
         if hasattr(model, "peft_config"):
             del model.peft_config
+        if getattr(model, "_hf_peft_config_loaded", False):  # diffusers' PeftAdapterMixin bookkeeping
+            model._hf_peft_config_loaded = False
         model.requires_grad_(True)
         return model
