@@ -51,7 +51,13 @@ class LatentDiffusion(torch.nn.Module):
                 module.to(dtype=dtype)
 
     def check_image_size(self, image_size: int, where: str) -> None:
-        """The UNet halves the latents once per down block but the last; the VAE halves images."""
+        """The UNet must take the VAE's latents, and halves them once per down block but the
+        last; the VAE halves images once per block but the last."""
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise DifftoolError(
+                f"[model] the UNet takes {self.unet.config.in_channels} input channels but the VAE gives "
+                f"{self.vae.config.latent_channels}; fine-tune a text-to-image pipeline (an inpainting "
+                "pipeline's UNet also takes the mask and the masked image)")
         factor = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
         if image_size % factor:
             raise DifftoolError(f"{where} image_size = {image_size} must be divisible by {factor} for this "

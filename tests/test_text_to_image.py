@@ -268,3 +268,24 @@ def test_text_to_image_mistakes_are_clear_errors(cli, tiny_sd, tiny_recipe, tmp_
     code, _, err = cli("sample", tmp_path / "t2i", "--refiner", tiny_sd, "--image", tmp_path / "t2i" / "samples" / "0000.png",
                        "--mask", tmp_path / "t2i" / "samples" / "0000.png")
     assert code == 1 and "for Stable Diffusion XL runs" in err
+
+
+def test_the_stable_diffusion_recipe_is_valid(cli, tiny_sd):
+    recipe = TINY_RECIPE.parent / "sd-lora.toml"
+    code, out, err = cli("check", recipe, "--set", f'model.pretrained="{tiny_sd.as_posix()}"')
+    assert code == 0, err
+    assert "stable-diffusion" in out and "lora" in out and "min-snr" in out
+
+
+def test_an_inpainting_unet_is_refused_for_training(cli, tiny_sd, tmp_path):
+    import shutil
+
+    folder = tmp_path / "inpainting"
+    shutil.copytree(tiny_sd, folder)
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(folder / "unet")
+    shutil.rmtree(folder / "unet")
+    UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(folder / "unet")
+    code, _, err = cli("check", sd_recipe(tmp_path, folder))
+    assert code == 1 and "takes 9 input channels but the VAE gives 4" in err
