@@ -289,3 +289,19 @@ def test_an_inpainting_unet_is_refused_for_training(cli, tiny_sd, tmp_path):
     UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(folder / "unet")
     code, _, err = cli("check", sd_recipe(tmp_path, folder))
     assert code == 1 and "takes 9 input channels but the VAE gives 4" in err
+
+
+def test_a_datasets_folder_with_its_own_image_and_caption_columns_trains(plugin, tiny_sd, tmp_path):
+    import datasets
+
+    from difftool.builtins.synthetic import synthetic_butterflies
+
+    rows = synthetic_butterflies(8, size=32, captions=True)
+    table = datasets.Dataset.from_dict({"picture": [r["image"] for r in rows], "prompt": [r["text"] for r in rows]})
+    (tmp_path / "parquet").mkdir()
+    table.cast_column("picture", datasets.Image()).to_parquet(str(tmp_path / "parquet" / "train.parquet"))
+    prompts = plugin(PromptRecorder(), "prompts")
+    dataset = {"name": "huggingface", "path": str(tmp_path / "parquet"), "image_column": "picture",
+               "caption_column": "prompt", "count": None, "size": None, "captions": None, "caption_dropout": 0.0}
+    train(recipes.load(sd_recipe(tmp_path, tiny_sd, adapters=None, dataset=dataset, run={"max_steps": 2})))
+    assert len(prompts.seen) == 8 and set(prompts.seen) <= {r["text"] for r in rows}
