@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import difftool
-from benchmarks.train import StepLog, recipe_file
+from benchmarks.train import StepLog, train_logged
 
 # Stable Diffusion 1.5's vae/config.json
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -46,10 +46,6 @@ def write_pipeline(folder: Path) -> Path:
 
 def run_epochs(pipeline: Path, cache_dir: Path, images: int, size: int, batch: int, epochs: int, cache: bool) -> list[float]:
     """Seconds per epoch of a tiny-SD LoRA-less run on captioned synthetic butterflies."""
-    from difftool import recipe as recipes
-    from difftool.engine import train
-    from difftool.plugins import load_plugins, pm
-
     recipe = {
         "run": {"seed": 0, "num_epochs": epochs, "save_image_epochs": 10_000, "save_model_epochs": 10_000,
                 "log_with": "none"},
@@ -60,15 +56,7 @@ def run_epochs(pipeline: Path, cache_dir: Path, images: int, size: int, batch: i
         "optimizer": {"name": "adamw", "lr": 1e-4},
         "sampling": {"scheduler": "ddim", "num_inference_steps": 1, "num_images": 1},
     }
-    load_plugins()
-    log = EpochLog()
-    pm.register(log, name="benchmark-epoch-log")
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            recipe["run"]["output_dir"] = out
-            train(recipes.load(recipe_file(recipe, Path(out))))
-    finally:
-        pm.unregister(name="benchmark-epoch-log")
+    log = train_logged(recipe, EpochLog())
     per_epoch = -(-images // batch)
     ends = log.stamps[::per_epoch]
     return [b - a for a, b in zip(ends, ends[1:])]
@@ -94,7 +82,7 @@ def main() -> None:
               "cache, new: epoch 2", "cache, from an earlier run: epoch 1"]
     baseline = sum(rate[:2]) / 2
     for label, value in zip(labels, rate):
-        print(f"| {label} | {value:.1f} | {value / baseline:.2f}x |")
+        print(f"| {label} | {value:.3g} | {value / baseline:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -71,15 +71,15 @@ def recipe_file(data: dict, folder: Path) -> Path:
     return path
 
 
-def train_logged(recipe: dict) -> StepLog:
+def train_logged(recipe: dict, log: StepLog | None = None) -> StepLog:
     """`difftool run` of `recipe` (its [run] output_dir filled in with a temp folder), in this
-    process, with every step's time and loss logged."""
+    process, with every step's time and loss logged (into `log`, if given)."""
     from difftool import recipe as recipes
     from difftool.engine import train
     from difftool.plugins import load_plugins, pm
 
     load_plugins()
-    log = StepLog()
+    log = log or StepLog()
     pm.register(log, name="benchmark-step-log")
     try:
         with tempfile.TemporaryDirectory() as out:

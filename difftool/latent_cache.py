@@ -45,31 +45,23 @@ def pixel_digests(pixels: torch.Tensor) -> list[str]:
 
 
 class LatentCache:
-    """Latent distributions by pixel digest, in memory and under `folder`/latents/{vae digest}/."""
+    """Latent distributions by pixel digest, under `folder`/latents/{vae digest}/. Entries are
+    read from disk each time (the OS keeps recent files in memory), so a large dataset's cache
+    takes disk, not the run's memory."""
 
     def __init__(self, folder: Path, vae):
         self.folder = Path(folder) / "latents" / vae_digest(vae)
-        self.memory: dict[str, torch.Tensor] = {}
-        self.hits = self.misses = 0
 
     def encode(self, pixels: torch.Tensor, encode) -> torch.Tensor:
         """`encode(pixels)` for the batch, computed only for images not cached yet."""
         from safetensors.torch import load_file
 
         digests = pixel_digests(pixels)
-        found = {}
-        for i, digest in enumerate(digests):
-            if digest in self.memory:
-                found[i] = self.memory[digest]
-            elif (self.path(digest)).is_file():
-                found[i] = self.memory[digest] = load_file(str(self.path(digest)))["latent"]
+        found = {i: load_file(str(self.path(d)))["latent"] for i, d in enumerate(digests) if self.path(d).is_file()}
         missing = [i for i in range(len(digests)) if i not in found]
-        self.hits += len(found)
-        self.misses += len(missing)
         if missing:
-            encoded = encode(pixels[missing])
-            for i, latent in zip(missing, encoded):
-                found[i] = self.memory[digests[i]] = self.store(digests[i], latent)
+            for i, latent in zip(missing, encode(pixels[missing])):
+                found[i] = self.store(digests[i], latent)
         return torch.stack([found[i] for i in range(len(digests))]).to(pixels.device)
 
     def path(self, digest: str) -> Path:
