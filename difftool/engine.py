@@ -67,19 +67,20 @@ def train(recipe: Recipe, force: bool = False) -> Path:
 
     model = build.model(recipe)
     latent = model if build.is_latent(model) else None
+    captions = latent is not None
     applied = build.adapters(recipe, model)
     if run["fuse_adapters"]:
         adapters.check_fusable(applied, recipe)
     noise_scheduler = build.noise_scheduler(recipe, model)
-    train_rows, validation_rows = build.datasets(recipe, captions=latent is not None)
+    train_rows, validation_rows = build.datasets(recipe, captions)
     parts = Parts(
         noise_scheduler=noise_scheduler,
         sampler=build.sampling_scheduler(recipe, noise_scheduler),
         loss_weighting=build.component(recipe, "loss_weighting"),
         timestep_sampler=build.component(recipe, "timestep_sampler"),
-        loader=accelerator.prepare(build.dataloader(recipe, train_rows, captions=latent is not None)),
+        loader=accelerator.prepare(build.dataloader(recipe, train_rows, captions=captions)),
         validation=None if validation_rows is None else build.dataloader(
-            recipe, validation_rows, shuffle=False, captions=latent is not None),
+            recipe, validation_rows, shuffle=False, captions=captions),
         adapters=applied,
         recipe_text=dump(recipe, provenance(recipe)),
         latent=latent,

@@ -241,6 +241,9 @@ def test_sdxl_lora_trains_loads_into_diffusers_and_inpaints_with_a_refiner(cli, 
     Image.new("RGB", (32, 32), (200, 120, 30)).save(tmp_path / "image.png")
     Image.new("L", (32, 32), 0).save(tmp_path / "mask.png")  # keep everything
     code, out, err = cli("sample", tmp_path / "run", "--image", tmp_path / "image.png", "--mask", tmp_path / "mask.png",
+                         "--refiner", tmp_path, "--steps", "2", "--num-images", "1")
+    assert code == 1 and "is not a diffusers pipeline folder" in err
+    code, out, err = cli("sample", tmp_path / "run", "--image", tmp_path / "image.png", "--mask", tmp_path / "mask.png",
                          "--refiner", tiny_sdxl, "--denoising-end", "0.5", "--steps", "4", "--num-images", "1",
                          "--out", tmp_path / "painted.png")
     assert code == 0, err
@@ -263,6 +266,8 @@ def test_text_to_image_mistakes_are_clear_errors(cli, tiny_sd, tiny_recipe, tmp_
     assert cli("run", sd_recipe(tmp_path, tiny_sd, "t2i", adapters=None, run={"max_steps": 1}))[0] == 0
     code, _, err = cli("sample", tmp_path / "t2i", "--image", tmp_path / "missing.png")
     assert code == 1 and "needs both --image and --mask" in err
+    code, _, err = cli("sample", tmp_path / "t2i", "--image", tmp_path / "missing.png", "--mask", tmp_path / "missing.png")
+    assert code == 1 and "missing.png is not a readable image" in err
     code, _, err = cli("sample", tmp_path / "t2i", "--refiner", tiny_sd)
     assert code == 1 and "--refiner is for SDXL inpainting" in err
     code, _, err = cli("sample", tmp_path / "t2i", "--refiner", tiny_sd, "--image", tmp_path / "t2i" / "samples" / "0000.png",
