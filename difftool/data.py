@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from difftool.errors import DifftoolError
+from difftool.images import DECODE_ERRORS, to_rgb
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """Rows with an `image` column, as {"images": float tensor (3, size, size) in [-1, 1]}, plus
@@ -54,12 +57,27 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def decode(value, size: int, center_crop: bool = False) -> torch.Tensor:
     """A PIL image, or datasets' undecoded {"path", "bytes"}, as uint8 (3, size, size): squashed
-    to the square, or with `center_crop` resized on its shorter side and cropped at the centre."""
-    image = value if isinstance(value, Image.Image) else Image.open(value["path"] or io.BytesIO(value["bytes"]))
+    to the square, or with `center_crop` resized on its shorter side and cropped at the centre.
+    Any mode becomes RGB by `difftool.images.to_rgb`'s rules; an image that cannot be decoded
+    is an `UnreadableImage` naming its file."""
+    try:
+        if isinstance(value, Image.Image):
+            return _pixels(value, size, center_crop)
+        # as datasets does: the bytes when a row holds them (its path may then be a bare name)
+        with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
+            return _pixels(image, size, center_crop)
+    except DECODE_ERRORS as exc:
+        raise UnreadableImage(
+            f"[dataset] {_name(value)} is not a readable image ({type(exc).__name__}: {exc}); "
+            "remove or replace it"
+        ) from exc
+
+
+def _pixels(image: Image.Image, size: int, center_crop: bool) -> torch.Tensor:
     # a JPEG not yet decoded is decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at
     # least `size` (much faster for large photos); other formats ignore this
     image.draft("RGB", (size, size))
-    image = image.convert("RGB")
+    image = to_rgb(image)
     box = None
     if center_crop:
         side = min(image.size)
@@ -68,6 +86,25 @@ def decode(value, size: int, center_crop: bool = False) -> torch.Tensor:
     # bilinear with PIL's antialiasing, as torchvision's Resize does on PIL images
     image = image.resize((size, size), Image.BILINEAR, box=box)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def _name(value) -> str:
+    """The file behind a row's image, for messages."""
+    if isinstance(value, dict):
+        return value.get("path") or "an image stored in the dataset (as bytes)"
+    return getattr(value, "filename", "") or "an image of the dataset (in memory)"
+
+
+class UnreadableImage(DifftoolError):
+    """A dataset image that cannot be decoded.
+
+    A DataLoader worker's exception comes back to the training process rebuilt from one string,
+    "Caught ... Original Traceback ...\n<type>: <message>"; this keeps the message alone."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
 
 
 def undecoded(rows):

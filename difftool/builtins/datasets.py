@@ -24,25 +24,204 @@ def huggingface(path: str, split: str = "train", name: str | None = None,
     return dataset if image_column == "image" else dataset.rename_column(image_column, "image")
 
 
+# the metadata files datasets' folder-based builders read beside the images
+# (FolderBasedBuilder.METADATA_FILENAMES in datasets 5.x)
+METADATA_FILENAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+# bytes at the end of a JPEG searched for its end-of-image marker: trailing data longer than
+# this costs a decode at 1/8 scale, never a wrong refusal
+JPEG_TAIL = 4096
+
+
 def imagefolder(path: str):
-    """Every image under the local folder `path` (datasets' imagefolder), each checked first."""
+    """Every image under the local folder `path` (datasets' imagefolder). First, every image file
+    is checked and every metadata file read, so that a bad one is named before training starts."""
     import datasets
-    from PIL import Image
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DifftoolError(f"[dataset] path = '{path}': no such folder; point it at a folder of images")
-    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in extensions and f.is_file())
-    if not files:
-        raise DifftoolError(f"[dataset] path = '{path}' holds no image files (looked for {', '.join(sorted(extensions)[:6])}, ...)")
-    for file in files:
-        try:
-            with Image.open(file) as image:
+    patterns, images, metadata = _data_files(folder, path)  # exactly the files datasets will read
+    for file in metadata:
+        images |= set(_named_images(file))
+    if not images:
+        extensions = ", ".join(sorted(_image_extensions())[:6])
+        raise DifftoolError(f"[dataset] path = '{path}' holds no image files (looked for {extensions}, ...)")
+    for file in sorted(images):
+        _check_image(file)
+    try:
+        # the patterns found above, so that datasets does not search the folder for splits again
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), data_files=patterns, split="train")
+    except (ValueError, TypeError, KeyError, datasets.exceptions.DatasetsError) as exc:  # ArrowInvalid: ValueError
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+        raise DifftoolError(f"[dataset] path = '{path}': datasets could not read the folder "
+                            f"({type(exc).__name__}: {exc}{cause}); check "
+                            f"{', '.join(map(str, metadata)) or 'its images'}") from exc
+
+
+def _data_files(folder: Path, path: str) -> tuple[dict, set[Path], list[Path]]:
+    """(the data_files patterns of each split, image files, metadata files of the train split),
+    found by datasets' own functions, as `load_dataset("imagefolder", data_dir=folder)` finds them."""
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    base = folder.resolve().as_posix()
+    try:
+        patterns = {str(split): list(globs) for split, globs in get_data_patterns(base).items()}
+    except EmptyDatasetError:
+        return {}, set(), []
+    files = DataFilesDict.from_patterns(patterns, base_path=base)
+    if "train" not in files:
+        raise DifftoolError(f"[dataset] path = '{path}' is split into {', '.join(files)} folders but has no "
+                            "train split; rename the one to train on to train/")
+    extensions, images, metadata = _image_extensions(), set(), []
+    for name in files["train"]:  # sorted as datasets sorts them
+        file = Path(name)
+        if file.suffix.lower() in extensions or Path(file.stem).suffix.lower() in extensions:
+            images.add(file)
+        elif file.name in METADATA_FILENAMES:
+            metadata.append(file)
+    kinds = {file.suffix for file in metadata}
+    if len(kinds) > 1:
+        raise DifftoolError(f"[dataset] path = '{path}' mixes metadata formats ({', '.join(map(str, metadata))}); "
+                            "datasets reads one kind: keep only .jsonl, .csv or .parquet files")
+    return patterns, images, sorted(metadata)
+
+
+def _image_extensions() -> set[str]:
+    """The file extensions datasets' imagefolder takes for images."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return set(ImageFolder.EXTENSIONS)
+
+
+def _check_image(file: Path) -> None:
+    """Refuse an image that will not decode, cheaply: a PNG's chunks and checksums are read
+    (`verify`), a JPEG must end with its end-of-image marker or else decode (at 1/8 scale),
+    and other formats, rare in datasets, are decoded."""
+    from PIL import Image
+
+    from difftool.images import DECODE_ERRORS
+
+    try:
+        with Image.open(file) as image:
+            if image.format == "PNG":
                 image.verify()
-        except Exception as exc:
-            raise DifftoolError(
-                f"[dataset] {file} is not a readable image ({type(exc).__name__}: {exc}); "
-                "remove or replace it"
-            ) from exc
-    return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+            elif image.format in ("JPEG", "MPO"):
+                if not _ends_with_eoi(image.fp):
+                    image.draft(image.mode, (1, 1))  # 1/8 scale: all the data is still read
+                    image.load()
+            else:
+                image.load()
+    except DECODE_ERRORS as exc:
+        raise DifftoolError(
+            f"[dataset] {file} is not a readable image ({type(exc).__name__}: {exc}); remove or replace it"
+        ) from exc
+
+
+def _ends_with_eoi(fp) -> bool:
+    """Whether a JPEG's last JPEG_TAIL bytes after its first scan starts hold the end-of-image
+    marker FF D9, which cannot occur inside entropy-coded data. `fp` is PIL's file, left just
+    after the start-of-scan header by Image.open."""
+    scan = fp.tell()
+    end = fp.seek(0, 2)
+    fp.seek(max(scan, end - JPEG_TAIL))
+    return b"\xff\xd9" in fp.read()
+
+
+def _named_images(metadata: Path) -> list[Path]:
+    """The images a metadata file's rows name, after checking every row as datasets will read it:
+    a JSON object per line (jsonl) or a row under a header (csv), each with a `file_name`
+    relative to the metadata file's folder, naming a file that exists."""
+    if metadata.suffix == ".jsonl":
+        rows = _jsonl_rows(metadata)
+    elif metadata.suffix == ".csv":
+        rows = _csv_rows(metadata)
+    else:
+        rows = _parquet_rows(metadata)
+    images = []
+    for where, row in rows:
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise DifftoolError(f"[dataset] {metadata} {where} has no file_name (it has {sorted(row)}); "
+                                "give each row the image's file name, relative to this file's folder")
+        relative = Path(name)
+        if "://" in name or relative.is_absolute() or ".." in relative.parts:
+            raise DifftoolError(f"[dataset] {metadata} {where}: file_name '{name}' must be a path relative to "
+                                "this file's folder, inside it")
+        image = metadata.parent / relative
+        if not image.is_file():
+            raise DifftoolError(f"[dataset] {metadata} {where}: file_name '{name}' names a missing image "
+                                f"({image}); add the image or remove the {where.split()[0]}")
+        images.append(image)
+    return images
+
+
+def _jsonl_rows(metadata: Path):
+    """("line N", object) for each non-blank line; a line that is not a JSON object, or whose
+    value for a key has another JSON type than on an earlier line, is an error naming it."""
+    import json
+
+    types: dict[str, tuple[str, int]] = {}
+    with open(metadata, encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue  # datasets skips blank lines too
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                raise DifftoolError(f"[dataset] {metadata} line {number} is not valid JSON ({exc.msg} at column "
+                                    f"{exc.colno}); fix the line: each line is one JSON object") from exc
+            if not isinstance(row, dict):
+                raise DifftoolError(f"[dataset] {metadata} line {number} is a JSON {type(row).__name__}, not an "
+                                    'object; each line is one object such as {"file_name": "0001.png", "text": "..."}')
+            for key, value in row.items():
+                kind = _json_type(value)
+                if kind is None:
+                    continue  # null fits any type
+                first, first_line = types.setdefault(key, (kind, number))
+                if kind != first:  # Arrow refuses a column that changes type
+                    raise DifftoolError(f"[dataset] {metadata} line {number}: '{key}' holds a JSON {kind} where "
+                                        f"line {first_line} has a JSON {first}; give it one type on every line")
+            yield f"line {number}", row
+
+
+def _json_type(value) -> str | None:
+    """The JSON type of `value` as Arrow tells them apart (None for null, which fits any)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    return {int: "number", float: "number", str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _csv_rows(metadata: Path):
+    """("line N", row) for each row under the header; a row with more fields than the header
+    is an error naming its line."""
+    import csv
+
+    with open(metadata, newline="", encoding="utf-8-sig") as lines:
+        reader = csv.DictReader(lines)
+        if "file_name" not in (reader.fieldnames or []):
+            raise DifftoolError(f"[dataset] {metadata} has no file_name column (its header is "
+                                f"{reader.fieldnames}); name the images in a file_name column")
+        for row in reader:
+            if None in row:
+                raise DifftoolError(f"[dataset] {metadata} line {reader.line_num} has more fields than the header "
+                                    f"({len(reader.fieldnames)}); quote values that hold commas")
+            yield f"line {reader.line_num}", row
+
+
+def _parquet_rows(metadata: Path):
+    """("row N", {"file_name": ...}) for each row of a metadata.parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.read_schema(metadata).names
+        names = pq.read_table(metadata, columns=["file_name"]).column(0).to_pylist() if "file_name" in columns else None
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DifftoolError(f"[dataset] {metadata} is not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                            "fix or remove it") from exc
+    if names is None:
+        raise DifftoolError(f"[dataset] {metadata} has no file_name column (it has {columns}); "
+                            "name the images in a file_name column")
+    for number, name in enumerate(names, start=1):
+        yield f"row {number}", {"file_name": name}
