@@ -33,20 +33,13 @@ def denoiser(built):
 
 
 def adapters(recipe: Recipe, built) -> list:
-    """Apply the [[adapters]] to the model's denoiser in order; returns their Adapter objects."""
-    from difftool.adapters import Adapter
-
+    """Apply the [[adapters]] to the model's denoiser in order; returns their Adapter objects
+    (each checked to be one when built: difftool.contracts)."""
     built = denoiser(built)
     applied = []
     for i, table in enumerate(recipe["adapters"]):
         section = f"adapters.{i}"
-        adapter = recipe.entries[section].build(recipe.kwargs(section, table), recipe.where(section), model=built)
-        if not isinstance(adapter, Adapter):
-            raise DifftoolError(
-                f"{recipe.where(section)} adapter '{table['name']}' (plugin '{recipe.entries[section].plugin}') "
-                f"returned {type(adapter).__name__}, not a difftool.adapters.Adapter; update or report the plugin"
-            )
-        applied.append(adapter)
+        applied.append(recipe.entries[section].build(recipe.kwargs(section, table), recipe.where(section), model=built))
     return applied
 
 
@@ -115,22 +108,52 @@ def sampling_scheduler(recipe: Recipe, training_scheduler):
 
 
 def rows(recipe: Recipe, kwargs: dict, captions: bool = False):
-    """The dataset factory's rows, checked to be non-empty and to have an `image` column (and
-    the caption column, when `captions`)."""
+    """The dataset factory's rows, checked to be non-empty mappings with an `image` column of
+    images (and the caption column, when `captions`). The factory's result is checked to be a
+    dataset when built; of its rows, the first is checked, or all of an in-memory list."""
     name, where = recipe["dataset"]["name"], recipe.where("dataset")
-    built = recipe.entries["dataset"].build(kwargs, where)
+    entry = recipe.entries["dataset"]
+    built = entry.build(kwargs, where)
+    who = f"dataset '{name}' (plugin '{entry.plugin}')"
     if len(built) == 0:
         raise DifftoolError(f"{where} dataset '{name}' is empty")
-    if "image" not in built[0]:
-        raise DifftoolError(f"{where} dataset '{name}' rows have no 'image' column (they have {list(built[0])})")
+    try:
+        first = built[0]
+    except Exception as exc:
+        raise DifftoolError(f"{where} {who}: its first row cannot be read ({type(exc).__name__}: {exc}); "
+                            "update the plugin, or report this to its authors") from exc
+    for index, row in enumerate(built if isinstance(built, (list, tuple)) else [first]):
+        check_row(row, index, where, who)
     column = recipe["dataset"]["caption_column"]
-    if captions and column not in built[0]:
+    if captions and column not in first:
         raise DifftoolError(
             f"{where} a text-to-image model needs captions, and dataset '{name}' rows have no '{column}' column "
-            f"(they have {list(built[0])}); set caption_column, or give an imagefolder a metadata.jsonl "
+            f"(they have {list(first)}); set caption_column, or give an imagefolder a metadata.jsonl "
             'with lines like {"file_name": "0001.png", "text": "a caption"}'
         )
     return built
+
+
+def check_row(row, index: int, where: str, who: str) -> None:
+    """A dataset row must be a mapping whose `image` is a PIL image, or datasets' undecoded
+    {"path", "bytes"} dict; `who` names the dataset and its plugin."""
+    from collections.abc import Mapping
+
+    from PIL import Image
+
+    from difftool.contracts import describe
+
+    if not isinstance(row, Mapping):
+        raise DifftoolError(f"{where} {who} row {index} is {describe(row)}, not a mapping with an 'image' "
+                            "column (e.g. {'image': PIL.Image}); update the plugin, or report this to its authors")
+    if "image" not in row:
+        raise DifftoolError(f"{where} {who} rows have no 'image' column (row {index} has {list(row)})")
+    image = row["image"]
+    undecoded = isinstance(image, Mapping) and (image.get("path") or image.get("bytes"))
+    if not (isinstance(image, Image.Image) or undecoded):
+        raise DifftoolError(f"{where} {who} row {index} has image = {describe(image)}, not a PIL image "
+                            "(or datasets' {'path': ..., 'bytes': ...}); update the plugin, or report this to "
+                            "its authors")
 
 
 def datasets(recipe: Recipe, captions: bool = False):

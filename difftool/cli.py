@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from difftool import __version__
-from difftool.errors import DifftoolError
+from difftool.errors import DifftoolError, Interrupted
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+class Commands(TyperGroup):
+    """The command group, turning Ctrl-C inside a command into difftool's interruption (exit
+    130 with a message; typer itself exits 130 silently, or, in older versions, 1 "Aborted!")."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted") from None
+
+
+app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train diffusion models from TOML recipes; components come from plugins.")
 console = Console()
 errors = Console(stderr=True)
 options = {"debug": False}
 SET_HELP = "Override a recipe value, e.g. --set run.max_steps=20 (parsed as TOML)."
+MAX_SEED = 2**32 - 1  # numpy's seeds, and so the run's, are 0 .. 2**32 - 1
+
+
+def finite(value: Optional[float]) -> Optional[float]:
+    """Refuse nan and inf, which the options' min and max let through."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def show_version(value: bool) -> None:
@@ -116,7 +137,13 @@ def new_plugin(
     """Write a minimal, working, tested plugin package to start from."""
     from difftool.scaffold import new_plugin as write
 
-    folder = write(name, kind, directory)
+    if directory.exists() and not directory.is_dir():
+        raise DifftoolError(f"--dir {directory} is a file; give a folder to write the package into")
+    try:
+        folder = write(name, kind, directory)
+    except OSError as exc:
+        raise DifftoolError(f"--dir {directory}: cannot write the package there ({exc.strerror or exc}); "
+                            "choose a folder you can write to") from exc
     console.print(f"[green]wrote[/] {folder}: `pip install -e {folder}`, then `python -m pytest {folder / 'tests'}`")
 
 
@@ -158,17 +185,17 @@ def sample(
     scheduler: Optional[str] = typer.Option(None, help="Any registered scheduler (default: the run's [sampling] one)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Inference steps (default: the run's)."),
     num_images: Optional[int] = typer.Option(None, min=1, help="Images in the grid (default: the run's)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the starting noise (default: the run's)."),
+    seed: Optional[int] = typer.Option(None, min=0, max=MAX_SEED, help="Seed of the starting noise, 0 to 2**32-1 (default: the run's)."),
     out: Optional[Path] = typer.Option(None, help="Grid PNG to write (default: RUN_DIR/samples/sample-SCHEDULER-STEPS.png)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     prompt: Optional[str] = typer.Option(None, help="Text-to-image runs: the prompt (default: the run's [sampling] prompts)."),
     negative_prompt: Optional[str] = typer.Option(None, help="Text-to-image runs: what to guide away from."),
-    guidance_scale: Optional[float] = typer.Option(None, min=0.0, help="Classifier-free guidance scale (default: the run's, 7.5)."),
+    guidance_scale: Optional[float] = typer.Option(None, min=0.0, callback=finite, help="Classifier-free guidance scale (default: the run's, 7.5)."),
     image: Optional[Path] = typer.Option(None, help="Inpaint this image (with --mask)."),
     mask: Optional[Path] = typer.Option(None, help="Mask for --image: white is repainted, black kept."),
-    strength: float = typer.Option(1.0, min=0.0, max=1.0, help="Inpainting: how far to noise the masked area (1 = fully)."),
+    strength: float = typer.Option(1.0, min=0.0, max=1.0, callback=finite, help="Inpainting: how far to noise the masked area (1 = fully)."),
     refiner: Optional[Path] = typer.Option(None, help="SDXL inpainting: a refiner folder that finishes the base's denoising."),
-    denoising_end: float = typer.Option(0.8, min=0.0, max=1.0, help="SDXL with --refiner: fraction of the steps the base does."),
+    denoising_end: float = typer.Option(0.8, min=0.0, max=1.0, callback=finite, help="SDXL with --refiner: fraction of the steps the base does."),
 ) -> None:
     """Generate a grid of images from a finished run with any registered scheduler; text-to-image
     runs take a prompt and guidance, and inpaint with --image and --mask."""
@@ -180,17 +207,14 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI: user errors as one message and a non-zero exit, tracebacks only with --debug."""
+    """Run the CLI: user errors as one message and a non-zero exit, tracebacks only with --debug.
+
+    typer runs in standalone mode, so it handles usage errors itself (its message, exit status
+    2), --help and --version (0), and always ends in SystemExit, which passes through here;
+    only what a command raises reaches the handlers below.
+    """
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        errors.print("[red]interrupted[/]")
-        sys.exit(130)
+        app(args=argv, prog_name="difftool")
     except DifftoolError as exc:
         fail(str(exc), exc.exit_code)
     except Exception as exc:

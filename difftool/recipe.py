@@ -7,6 +7,7 @@ factory's signature before anything heavy runs.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,17 @@ from difftool.registry import Entry, suggest
 
 REQUIRED = object()
 POSITIVE, NON_NEGATIVE, FRACTION, UNIT = "a positive integer", "zero or more", "a fraction in [0, 1)", "a number in [0, 1]"
+MAX_SEED = 2**32 - 1  # numpy's seed range, which Accelerate's set_seed needs
+SEED = f"an integer from 0 to {MAX_SEED} (2**32 - 1)"
+FOLDER = "a folder, e.g. runs/my-run"
+STRINGS = "a list of strings"
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 
 # section -> key -> (type, default, constraint); `name`-like keys pick the component.
 SCHEMA: dict[str, dict[str, tuple]] = {
     "run": {
-        "output_dir": (str, REQUIRED, None),
-        "seed": (int, 0, None),
+        "output_dir": (str, REQUIRED, FOLDER),
+        "seed": (int, 0, SEED),
         "num_epochs": (int, 1, POSITIVE),
         "max_steps": (int, None, POSITIVE),
         "gradient_accumulation_steps": (int, 1, POSITIVE),
@@ -59,8 +64,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "scheduler": (str, None, None),
         "num_inference_steps": (int, None, POSITIVE),
         "num_images": (int, 16, POSITIVE),
-        "seed": (int, None, None),
-        "prompts": (list, [], None),
+        "seed": (int, None, SEED),
+        "prompts": (list, [], STRINGS),
         "negative_prompt": (str, "", None),
         "guidance_scale": (float, 7.5, NON_NEGATIVE),
         "every_n_steps": (int, None, POSITIVE),
@@ -145,24 +150,69 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def read(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """The recipe file's tables with the --set overrides applied."""
+def read_text(path: str | Path) -> str:
+    """The recipe file's text: UTF-8 (a byte-order mark is allowed), as TOML requires."""
     file = Path(path)
+    if file.is_dir():
+        found = sorted(p.name for p in file.glob("*.toml") if p.is_file())
+        hint = (f"give one of its recipes, e.g. {', '.join(str(file / n) for n in found[:3])}"
+                if found else "it holds no .toml files; give a recipe file, e.g. recipes/quickstart.toml")
+        raise DifftoolError(f"recipe {path} is a folder, not a file; {hint}")
     if not file.is_file():
         raise DifftoolError(f"recipe file not found: {path} (recipes/ holds examples, e.g. recipes/quickstart.toml)")
     try:
-        data = tomllib.loads(file.read_text())
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise DifftoolError(f"cannot read the recipe {path}: {exc.strerror or exc}") from exc
+    bom = b"\xef\xbb\xbf" if raw.startswith(b"\xef\xbb\xbf") else b""
+    try:
+        return raw[len(bom):].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = len(bom) + exc.start
+        line = raw[:offset].count(b"\n") + 1
+        raise DifftoolError(
+            f"{path} is not UTF-8 text: byte {offset} (line {line}) is {raw[offset:offset + 1]!r}; TOML "
+            "recipes must be UTF-8, so save it as UTF-8 (from your editor, or `iconv -f latin1 -t utf-8`)"
+        ) from exc
+
+
+def read(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The recipe file's tables with the --set overrides applied."""
+    try:
+        data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as exc:
         raise DifftoolError(f"{path}: invalid TOML: {exc}") from exc
     for text in overrides:
-        keys, value = parse_override(text)
-        table = data
-        for key in keys[:-1]:
-            table = table.setdefault(key, {})
-            if not isinstance(table, dict):
-                raise DifftoolError(f"--set '{text}': '{key}' is not a table")
-        table[keys[-1]] = value
+        override(data, text)
     return data
+
+
+def override(data: dict[str, Any], text: str) -> None:
+    """Apply one --set SECTION.KEY=VALUE; a number picks a table of an array of tables
+    (--set adapters.0.r=8)."""
+    keys, value = parse_override(text)
+    table: Any = data
+    for depth, key in enumerate(keys):
+        if isinstance(table, list):
+            key = index(table, keys, depth, text)
+        elif not isinstance(table, dict):
+            raise DifftoolError(f"--set '{text}': '{'.'.join(keys[:depth])}' is not a table")
+        if depth == len(keys) - 1:
+            table[key] = value
+        else:
+            table = table.setdefault(key, {}) if isinstance(table, dict) else table[key]
+
+
+def index(tables: list, keys: list[str], depth: int, text: str) -> int:
+    """The position keys[depth] names in the array of tables keys[:depth]."""
+    key, name = keys[depth], ".".join(keys[:depth])
+    if key.isascii() and key.isdigit() and int(key) < len(tables):
+        return int(key)
+    if not tables:
+        raise DifftoolError(f"--set '{text}': '{name}' is an empty array; add its first table to the recipe")
+    rest = ".".join(keys[depth + 1:] if key.isdigit() else keys[depth:])
+    raise DifftoolError(f"--set '{text}': '{name}' is an array of {len(tables)} table(s); pick one by its "
+                        f"index, e.g. {name}.0{'.' + rest if rest else ''}")
 
 
 def check_value(section: str, key: str, value: Any, spec: tuple) -> str | None:
@@ -173,6 +223,12 @@ def check_value(section: str, key: str, value: Any, spec: tuple) -> str | None:
         type_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not type_ok:
         return f"[{section}] {key} = {value!r} must be {TYPE_NAMES[kind]}"
+    if constraint == STRINGS and not all(isinstance(item, str) for item in value):
+        return f"[{section}] {key} = {value!r} must be {constraint}"
+    if constraint == FOLDER and not value.strip():
+        return f"[{section}] {key} = {value!r} must name {constraint}"
+    if constraint == SEED and not 0 <= value <= MAX_SEED:
+        return f"[{section}] {key} = {value!r} must be {constraint}"
     if isinstance(constraint, tuple) and value not in constraint:
         return f"[{section}] {key} = {value!r} must be one of {', '.join(map(repr, constraint))}{suggest(str(value), constraint)}"
     if (constraint == POSITIVE and value < 1 or constraint == NON_NEGATIVE and value < 0
@@ -236,6 +292,7 @@ def validate(data: dict[str, Any], path: str) -> Recipe:
             message = str(exc)
             problems.append(message if message.startswith("[") else f"[{section}] {message}")
     problems += check_param_groups(recipe)
+    problems += check_learning_rates(recipe)
     if problems:
         head = f"{path}: " + ("" if len(problems) == 1 else f"{len(problems)} problems:\n  - ")
         raise DifftoolError(head + "\n  - ".join(problems))
@@ -251,11 +308,17 @@ def component_tables(recipe: Recipe):
             yield section, recipe.data[section]
 
 
+def param_groups(recipe: Recipe) -> list:
+    """[[optimizer.param_groups]], or [] where it is not a list (a problem reported already)."""
+    groups = recipe["optimizer"].get("param_groups")
+    return groups if isinstance(groups, list) else []
+
+
 def check_param_groups(recipe: Recipe) -> list[str]:
     """Each [[optimizer.param_groups]] needs `modules` and keys the optimizer accepts."""
     problems = []
     entry = recipe.entries.get("optimizer")
-    for i, group in enumerate(recipe["optimizer"].get("param_groups") or []):
+    for i, group in enumerate(param_groups(recipe)):
         where = f"[[optimizer.param_groups]] #{i + 1}"
         if not isinstance(group, dict) or not isinstance(group.get("modules"), (str, list)):
             problems.append(f"{where} needs modules = \"pattern\" (e.g. \"down_blocks.*\") or a list of patterns")
@@ -266,6 +329,21 @@ def check_param_groups(recipe: Recipe) -> list[str]:
             except DifftoolError as exc:
                 problems.append(str(exc))
     return problems
+
+
+def check_learning_rates(recipe: Recipe) -> list[str]:
+    """`lr`, where a recipe sets it ([optimizer] or a param group), must be a number > 0: the
+    optimizers take 0 silently (nothing trains) and refuse a negative one only mid-build. No
+    upper bound, since some (Prodigy, D-Adaptation) want lr = 1.0."""
+    tables = [("[optimizer]", recipe["optimizer"])]
+    tables += [(f"[[optimizer.param_groups]] #{i + 1}", group)
+               for i, group in enumerate(param_groups(recipe)) if isinstance(group, dict)]
+    return [
+        f"{where} lr = {table['lr']!r} must be a positive number, e.g. 1e-4"
+        for where, table in tables
+        if "lr" in table and not (isinstance(table["lr"], (int, float)) and not isinstance(table["lr"], bool)
+                                  and table["lr"] > 0 and math.isfinite(table["lr"]))
+    ]
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

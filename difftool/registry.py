@@ -8,6 +8,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from difftool import contracts
 from difftool.errors import DifftoolError
 
 BUILTIN_PLUGIN = "difftool"
@@ -93,11 +94,12 @@ class Entry:
             )
 
     def build(self, kwargs: dict[str, Any], where: str, **context: Any) -> Any:
-        """Call the factory with the recipe's kwargs plus the context arguments it accepts."""
+        """Call the factory with the recipe's kwargs plus the context arguments it accepts;
+        what it returns must keep its kind's contract (difftool.contracts)."""
         params, open_ended = self.parameters()
         given = {k: v for k, v in context.items() if open_ended or k in params}
         try:
-            return self.load()(**kwargs, **given)
+            built = self.load()(**kwargs, **given)
         except DifftoolError:
             raise
         except Exception as exc:
@@ -105,6 +107,8 @@ class Entry:
                 f"{where}: {KINDS[self.kind][0]} '{self.name}' (plugin '{self.plugin}') "
                 f"could not be built: {type(exc).__name__}: {exc}"
             ) from exc
+        contracts.check(self.kind, built, noun=KINDS[self.kind][0], name=self.name, plugin=self.plugin, where=where)
+        return built
 
 
 @dataclass

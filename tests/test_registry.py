@@ -6,12 +6,28 @@ from difftool.errors import DifftoolError
 from difftool.registry import Entry, Registry
 
 
+class Built:
+    """Stands in for a scheduler or an LR schedule (it keeps both contracts) and records the
+    arguments it was built with."""
+
+    config: dict = {}
+
+    def __init__(self, *args):
+        self.args = args
+
+    def set_timesteps(self, *args): ...
+    def step(self, *args): ...
+    def state_dict(self): ...
+    def load_state_dict(self, state): ...
+    def get_last_lr(self): ...
+
+
 def factory(beta_start: float = 0.1, beta_end: float = 0.2):
-    return ("built", beta_start, beta_end)
+    return Built("built", beta_start, beta_end)
 
 
 def lr_factory(optimizer, num_training_steps, warmup: int = 0):
-    return (optimizer, num_training_steps, warmup)
+    return Built(optimizer, num_training_steps, warmup)
 
 
 def make(name="ddpm", plugin="difftool", kind="schedulers", fn=factory):
@@ -72,11 +88,11 @@ def test_check_wants_required_keys_but_not_context():
 
 
 def test_build_passes_only_the_context_a_factory_accepts():
-    assert make().build({"beta_end": 0.5}, "w") == ("built", 0.1, 0.5)
+    assert make().build({"beta_end": 0.5}, "w").args == ("built", 0.1, 0.5)
     entry = make("cos", kind="lr_schedules", fn=lr_factory)
-    assert entry.build({"warmup": 3}, "w", optimizer="opt", num_training_steps=10) == ("opt", 10, 3)
-    constant = make("c", kind="lr_schedules", fn=lambda optimizer: optimizer)
-    assert constant.build({}, "w", optimizer="opt", num_training_steps=10) == "opt"
+    assert entry.build({"warmup": 3}, "w", optimizer="opt", num_training_steps=10).args == ("opt", 10, 3)
+    constant = make("c", kind="lr_schedules", fn=lambda optimizer: Built(optimizer))
+    assert constant.build({}, "w", optimizer="opt", num_training_steps=10).args == ("opt",)
 
 
 def test_build_wraps_factory_errors_in_a_clear_message():
