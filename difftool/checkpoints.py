@@ -1,8 +1,11 @@
 """Checkpoints: Accelerate's save_state/load_state, written atomically, pruned, checked on resume.
 
 A checkpoint is `output_dir/checkpoints/checkpoint-{global_step}/`: written to a hidden temp
-folder and renamed into place, so every folder with that name is complete. Each carries the
-resolved recipe with the versions that made it (recipe.toml).
+folder and renamed into place, so every folder with that name was complete when saved. Each
+carries the resolved recipe with the versions that made it (recipe.toml) and, written last, a
+manifest of its files' sizes and digests (manifest.json), checked before the checkpoint is
+loaded: a file damaged since (truncated by a copy, deleted by hand) is named, and "latest"
+falls back to the newest undamaged checkpoint.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import shutil
 import tomllib
 from pathlib import Path
 
+from difftool import integrity
 from difftool.errors import DifftoolError
-from difftool.files import replace_dir, usual_modes
+from difftool.files import RECIPE, replace_dir, usual_modes, writing
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # sections whose change makes a checkpoint a different experiment
@@ -31,21 +35,55 @@ def complete(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
-def resume_path(recipe) -> Path | None:
-    """The checkpoint run.resume_from_checkpoint names ("latest": the newest, or None if none)."""
+def resume_path(recipe) -> tuple[Path | None, list[str]]:
+    """The checkpoint run.resume_from_checkpoint names, checked against its manifest, and notes
+    for the user. "latest" is the newest undamaged checkpoint (None, said in a note, if there is
+    none yet); a damaged checkpoint named by its path is refused, naming the damaged file."""
     wanted = recipe["run"]["resume_from_checkpoint"]
+    where = f"{recipe.where('run')} resume_from_checkpoint = '{wanted}'"
     if wanted is None:
-        return None
+        return None, []
     if wanted == "latest":
-        found = complete(Path(recipe["run"]["output_dir"]))
-        return found[-1] if found else None
-    path = Path(wanted)
-    if not (path / "recipe.toml").is_file():
+        output_dir = Path(recipe["run"]["output_dir"])
+        found = complete(output_dir)
+        if not found:
+            return None, [f"resume_from_checkpoint = \"latest\": {folder(output_dir)} holds no checkpoint yet, "
+                          "so the run starts from the beginning"]
+        notes = []
+        for path in reversed(found):
+            problem = integrity.verify(path)
+            if problem is None:
+                if notes:
+                    notes.append(f"resuming from {path.name} instead, the newest undamaged checkpoint")
+                return path, notes
+            notes.append(f"{path} is damaged: {problem}")
         raise DifftoolError(
-            f"{recipe.where('run')} resume_from_checkpoint = '{wanted}' is not a difftool checkpoint "
+            f"{where}: every checkpoint in {folder(output_dir)} is damaged ({'; '.join(notes)}); restore one from a backup, or set overwrite_output_dir = true and no resume_from_checkpoint to start over"
+        )
+    path = Path(wanted)
+    if not (path / RECIPE).is_file():
+        raise DifftoolError(
+            f"{where} is not a difftool checkpoint "
             "(no recipe.toml in it); give a checkpoints/checkpoint-N folder or \"latest\""
         )
-    return path
+    if problem := integrity.verify(path):
+        others = [p.name for p in complete(path.parent.parent) if p != path and integrity.verify(p) is None]
+        offer = f"resume from another checkpoint ({', '.join(others[-3:])})" if others else "restore it from a backup"
+        raise DifftoolError(f"{where}: the checkpoint is damaged: {problem}; {offer}")
+    return path, []
+
+
+def load(accelerator, path: Path) -> None:
+    """Restore the training state saved in the checkpoint at `path`."""
+    try:
+        accelerator.load_state(str(path))
+    except DifftoolError:
+        raise
+    except Exception as exc:  # a checkpoint without a manifest, from before manifests existed
+        raise DifftoolError(
+            f"could not load the checkpoint {path} ({type(exc).__name__}: {str(exc)[:300]}); it is damaged or "
+            "was made by another version: resume from another checkpoint, or start over"
+        ) from exc
 
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
@@ -67,7 +105,7 @@ def changed_keys(saved: dict, current: dict) -> list[str]:
 
 def check_unchanged(path: Path, recipe, force: bool) -> None:
     """Refuse to resume if the recipe changed the model, data or optimizer, unless forced."""
-    saved = tomllib.loads((path / "recipe.toml").read_text())
+    saved = tomllib.loads((path / RECIPE).read_text())
     changes = changed_keys(saved, recipe.data)
     if changes and not force:
         raise DifftoolError(
@@ -78,20 +116,24 @@ def check_unchanged(path: Path, recipe, force: bool) -> None:
 
 
 def save(accelerator, output_dir: Path, step: int, recipe_text: str, limit: int | None) -> Path:
-    """Save the full training state as checkpoint-{step}; returns its path. All processes call it."""
+    """Save the full training state as checkpoint-{step}; returns its path. All processes call it.
+    A failed save (a full disk, say) leaves no partial folder behind and raises WriteFailed."""
     final = folder(output_dir) / f"checkpoint-{step}"
     staging = folder(output_dir) / f".saving-checkpoint-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / "recipe.toml").write_text(recipe_text)
-        usual_modes(staging)
-        replace_dir(staging, final)
-        prune(output_dir, limit)
+    main = accelerator.is_main_process
+    with writing(f"checkpoint-{step}", final, cleanup=lambda: main and shutil.rmtree(staging, ignore_errors=True)):
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if main:
+            (staging / RECIPE).write_text(recipe_text)
+            usual_modes(staging)
+            integrity.write_manifest(staging, step=step)
+            replace_dir(staging, final)
+            prune(output_dir, limit)
     accelerator.wait_for_everyone()
     return final
 
@@ -103,6 +145,21 @@ def prune(output_dir: Path, limit: int | None) -> None:
     if limit:
         for old in complete(output_dir)[:-limit]:
             shutil.rmtree(old)
+
+
+def remove(output_dir: Path, step: int) -> None:
+    """Delete checkpoint-{step} if there is one (and the checkpoints folder, if that empties it)."""
+    shutil.rmtree(folder(output_dir) / f"checkpoint-{step}", ignore_errors=True)
+    if folder(output_dir).is_dir() and not any(folder(output_dir).iterdir()):
+        folder(output_dir).rmdir()
+
+
+def discard(output_dir: Path) -> int:
+    """Delete every checkpoint in `output_dir` (an earlier run's, when a new one overwrites it);
+    returns how many there were."""
+    found = complete(output_dir)
+    shutil.rmtree(folder(output_dir), ignore_errors=True)
+    return len(found)
 
 
 def trainable_state(model) -> dict:

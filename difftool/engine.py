@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -16,10 +17,9 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from difftool import __version__, adapters, build, checkpoints, files, objective
+from difftool import __version__, adapters, build, checkpoints, files, lock, objective, plugins
 from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
-from difftool.plugins import pm
 from difftool.recipe import Recipe, dump
 from difftool.sampling import generate, grid, text_to_image
 from difftool.state import TrainState
@@ -54,17 +54,64 @@ class Parts:
     recipe_text: str  # the resolved recipe with provenance, as written into every checkpoint
     latent: object = None  # the LatentDiffusion model, for text-to-image; else None
     latent_cache: object = None  # its LatentCache, when [dataset] cache is on
+    saved_step: int | None = None  # the step of the newest checkpoint saved (or resumed from)
 
 
 def train(recipe: Recipe, force: bool = False) -> Path:
     """Train as the recipe says; returns the output folder holding the saved pipeline."""
     run = recipe["run"]
     output_dir = Path(run["output_dir"])
-    resume = checkpoints.resume_path(recipe)
-    files.prepare_output_dir(output_dir, run["overwrite_output_dir"] or resume is not None, recipe.path)
+    resume, notes = checkpoints.resume_path(recipe)
+    check_output_dir = functools.partial(files.prepare_output_dir, output_dir, run["overwrite_output_dir"],
+                                         resume is not None, recipe.where("run"))
+    check_output_dir()  # before anything is built, so a refused run fails at once
     accelerator = make_accelerator(run, output_dir)
-    set_seed(run["seed"])
+    if accelerator.is_main_process:
+        for note in notes:
+            console.print(f"[yellow]{note}[/]")
+    state = None
+    try:
+        with contextlib.ExitStack() as held:
+            parts, state, plan = prepare(recipe, accelerator)
+            if accelerator.is_main_process:
+                held.enter_context(lock.hold(output_dir, recipe.where("run")))
+                check_output_dir()  # again, now that no other run can write here
+                if run["overwrite_output_dir"] and resume is None and (dropped := checkpoints.discard(output_dir)):
+                    console.print(f"overwrite_output_dir = true: removed the earlier run's {dropped} checkpoint(s)")
+            accelerator.wait_for_everyone()
+            if resume is not None:
+                checkpoints.check_unchanged(resume, recipe, force)
+                checkpoints.load(accelerator, resume)
+                parts.saved_step = state.global_step
+                if accelerator.is_main_process:
+                    checkpoints.prune(output_dir, run["checkpoints_total_limit"])
+                    console.print(f"resumed from {resume} at step {state.global_step}")
+            if accelerator.is_main_process:
+                if not files.finished(output_dir):  # else recipe.toml describes the model there until it is replaced
+                    files.write_text(output_dir / files.RECIPE, parts.recipe_text, "the run's recipe")
+                accelerator.init_trackers("difftool")
+            plugins.call("on_train_start", state=state)
+            loop(state, parts, plan)
+            plugins.call("on_train_end", state=state)
+    except KeyboardInterrupt:
+        kept = "the last saved pipeline, checkpoints and samples" if files.finished(output_dir) else "the checkpoints and samples saved so far"
+        step = state.global_step if state is not None else 0
+        raise Interrupted(f"interrupted at step {step}; {output_dir} keeps {kept}, each complete") from None
+    except (files.WriteFailed, plugins.HookFailed) as exc:
+        raise DifftoolError(f"{exc}. {kept_after_failure(state, output_dir)}") from exc
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
+        raise DifftoolError(out_of_memory_message(exc, recipe, state, output_dir)) from exc
+    finally:
+        accelerator.end_training()
+    return output_dir
 
+
+def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState, Plan]:
+    """Build every component of the recipe and the run's state, ready to train or resume."""
+    run = recipe["run"]
+    set_seed(run["seed"])
     model = build.model(recipe)
     latent = model if build.is_latent(model) else None
     captions = latent is not None
@@ -94,32 +141,46 @@ def train(recipe: Recipe, force: bool = False) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = build.ema(recipe, accelerator.unwrap_model(model))  # on the device the model is on now
     set_seed(run["seed"], device_specific=True)  # each process its own noise, timesteps and flips
-    state = TrainState(recipe, accelerator, model, optimizer, lr_schedule, output_dir, ema)
+    state = TrainState(recipe, accelerator, model, optimizer, lr_schedule, Path(run["output_dir"]), ema)
     checkpoints.save_only_trainable(accelerator)
     for stateful in (lr_schedule, state, ema):
         if stateful is not None:
             accelerator.register_for_checkpointing(stateful)
-    if resume is not None:
-        checkpoints.check_unchanged(resume, recipe, force)
-        accelerator.load_state(str(resume))
-        if accelerator.is_main_process:
-            checkpoints.prune(output_dir, run["checkpoints_total_limit"])
-            console.print(f"resumed from {resume} at step {state.global_step}")
+    return parts, state, plan
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(output_dir / "recipe.toml", parts.recipe_text)
-        accelerator.init_trackers("difftool")
-    try:
-        pm.hook.on_train_start(state=state)
-        loop(state, parts, plan)
-        pm.hook.on_train_end(state=state)
-    except KeyboardInterrupt:
-        kept = "the last saved pipeline, checkpoints and samples" if files.finished(output_dir) else "the checkpoints and samples saved so far"
-        raise Interrupted(f"interrupted at step {state.global_step}; {output_dir} keeps {kept}, each complete") from None
-    finally:
-        accelerator.end_training()
-    return output_dir
+
+def kept_after_failure(state: TrainState | None, output_dir: Path) -> str:
+    """What a run that stopped on a failure keeps, and how to go on from it."""
+    found = checkpoints.complete(output_dir)
+    step = state.global_step if state is not None else 0
+    if found and state is not None and found[-1].name == f"checkpoint-{step}":
+        return (f"The run's state at its last step ({step}) is saved in {found[-1]}: once the cause is fixed, "
+                "rerun with --set run.resume_from_checkpoint=latest to go on from there without training again")
+    model = "; the model saved at an earlier epoch is intact" if files.finished(output_dir) else ""
+    if found:
+        return (f"The run stopped at step {step}; {found[-1]} (the newest checkpoint) and everything saved before "
+                f"it are intact{model}: once the cause is fixed, resume with --set run.resume_from_checkpoint=latest")
+    return f"The run stopped at step {step} before saving any checkpoint (run.checkpointing_steps saves them){model}"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch running out of memory, on a GPU or on the CPU."""
+    text = str(exc)
+    return (isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in text
+            or "DefaultCPUAllocator: can't allocate memory" in text or "not enough memory" in text)
+
+
+def out_of_memory_message(exc: BaseException, recipe: Recipe, state: TrainState | None, output_dir: Path) -> str:
+    """Out of memory, with the sizes that caused it and what to lower."""
+    table = recipe["dataset"]
+    first_line = str(exc).strip().splitlines()[0][:300]
+    where = "before training" if state is None or not state.global_step else f"at step {state.global_step + 1}"
+    message = (f"out of memory {where} ({first_line}) with dataset.image_size = {table['image_size']} and "
+               f"batch_size = {table['batch_size']}: lower image_size or batch_size (gradient_accumulation_steps "
+               "keeps the effective batch), or use a smaller model")
+    if state is not None and state.global_step:
+        message += f". {kept_after_failure(state, output_dir)}"
+    return message
 
 
 def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
@@ -288,7 +349,7 @@ def step_skipped(state: TrainState) -> bool:
 def after_step(state: TrainState, parts: Parts) -> None:
     """Hooks, validation and checkpoints at their step intervals."""
     run, validation = state.recipe["run"], state.recipe["validation"]
-    pm.hook.on_step_end(state=state)
+    plugins.call("on_step_end", state=state)
     every = state.recipe["sampling"]["every_n_steps"]
     if every and state.global_step % every == 0:
         if state.accelerator.is_main_process:
@@ -297,9 +358,16 @@ def after_step(state: TrainState, parts: Parts) -> None:
     if parts.validation is not None and state.global_step % validation["every_n_steps"] == 0:
         validate(state, parts)
     if run["checkpointing_steps"] and state.global_step % run["checkpointing_steps"] == 0:
-        path = checkpoints.save(state.accelerator, state.output_dir, state.global_step,
-                                parts.recipe_text, run["checkpoints_total_limit"])
-        pm.hook.on_checkpoint(state=state, path=path)
+        checkpoint(state, parts)
+
+
+def checkpoint(state: TrainState, parts: Parts) -> Path:
+    """Save the training state as checkpoint-{global_step} (all processes call it)."""
+    path = checkpoints.save(state.accelerator, state.output_dir, state.global_step,
+                            parts.recipe_text, state.recipe["run"]["checkpoints_total_limit"])
+    parts.saved_step = state.global_step
+    plugins.call("on_checkpoint", state=state, path=path)
+    return path
 
 
 def validate(state: TrainState, parts: Parts) -> None:
@@ -327,14 +395,24 @@ def validate(state: TrainState, parts: Parts) -> None:
 
 
 def end_of_epoch(state: TrainState, parts: Parts, last: bool) -> None:
-    """Save a sample grid and the pipeline (EMA weights if enabled) at the recipe's epoch intervals."""
+    """Save the pipeline (EMA weights if enabled) and a sample grid at the recipe's epoch intervals.
+
+    Before the last save, the final state goes into a checkpoint (unless it is in one already),
+    so that a save that fails (a full disk, a plugin's hook) loses no training: a rerun with
+    resume_from_checkpoint = "latest" only saves. Once everything is saved, that checkpoint is
+    deleted again unless the recipe's checkpointing_steps asked for one at this step."""
     accelerator, run, epoch = state.accelerator, state.recipe["run"], state.epoch
+    if last and parts.saved_step != state.global_step:
+        checkpoint(state, parts)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(state.model)
-        if (epoch + 1) % run["save_image_epochs"] == 0 or last:
-            save_samples(state, parts, model, f"{epoch:04d}.png")
         if (epoch + 1) % run["save_model_epochs"] == 0 or last:
             files.publish(lambda folder: write_model(state, parts, model, folder), state.output_dir)
+        if (epoch + 1) % run["save_image_epochs"] == 0 or last:
+            save_samples(state, parts, model, f"{epoch:04d}.png")
+        every = run["checkpointing_steps"]
+        if last and not (every and state.global_step % every == 0):
+            checkpoints.remove(state.output_dir, state.global_step)
     accelerator.wait_for_everyone()
 
 
@@ -343,13 +421,13 @@ def save_samples(state: TrainState, parts: Parts, model, name: str) -> None:
     with weights_for_output(state, model):
         images = sample_images(state, parts, model)
     picture = grid(images)
-    files.save_image(picture, state.output_dir / "samples" / name)
+    files.save_image(picture, state.output_dir / "samples" / name, "the sample grid")
     if state.recipe["run"]["log_with"] == "tensorboard":
         import numpy as np
 
         writer = state.accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_image("samples", np.asarray(picture), state.global_step, dataformats="HWC")
-    pm.hook.on_samples(state=state, images=images)
+    plugins.call("on_samples", state=state, images=images)
 
 
 def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
@@ -357,7 +435,9 @@ def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
     with run.fuse_adapters, the fused pipeline) for an adapted model, else the pipeline
     (DDPMPipeline, or the latent model's own) by save_pretrained, with the raw weights in
     unet_raw/. A latent model's LoRA is also saved as pytorch_lora_weights.safetensors, which
-    the diffusers pipeline's `load_lora_weights(folder)` loads."""
+    the diffusers pipeline's `load_lora_weights(folder)` loads. The run's recipe.toml goes with
+    them, so that the recipe beside a model is always the one that made it."""
+    (folder / files.RECIPE).write_text(parts.recipe_text)
     unet = build.denoiser(model)
     if state.ema is not None and not parts.adapters:
         unet.save_pretrained(folder / "unet_raw")

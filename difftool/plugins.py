@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 
 import pluggy
 
 from difftool import __version__, hookspecs
+from difftool.errors import DifftoolError
 from difftool.registry import BUILTIN_PLUGIN, KINDS, Entry, Registry
 
 ENTRY_POINT_GROUP = "difftool"
@@ -102,3 +104,31 @@ def plugin_version(name: str) -> str:
     if name in versions:
         return versions[name]
     return str(getattr(pm.get_plugin(name), "__version__", ""))
+
+
+class HookFailed(DifftoolError):
+    """A plugin's training hook raised."""
+
+
+def call(hook: str, **kwargs) -> None:
+    """Call the training hook `hook` of every plugin. One that raises is named: its error becomes
+    a HookFailed (a DifftoolError from the plugin itself goes on as it is)."""
+    caller = getattr(pm.hook, hook)
+    try:
+        caller(**kwargs)
+    except DifftoolError:
+        raise
+    except Exception as exc:
+        raise HookFailed(
+            f"plugin '{culprit(caller, exc)}' failed in its {hook} hook ({type(exc).__name__}: {exc}); "
+            "update or fix that plugin, or leave it out with DIFFTOOL_LOAD_PLUGINS (a comma-separated "
+            "list of the plugins to load)"
+        ) from exc
+
+
+def culprit(caller, exc: BaseException) -> str:
+    """The plugin whose implementation of the hook `caller` raised `exc` (the innermost one on the
+    traceback), found by the code objects of the implementations."""
+    plugins = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
+    named = [plugins[frame.f_code] for frame, _ in traceback.walk_tb(exc.__traceback__) if frame.f_code in plugins]
+    return named[-1] if named else "(unknown)"

@@ -101,7 +101,11 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
         raise DifftoolError(f"{run_dir} is not a finished difftool run (it has no saved pipeline or adapters); "
                             "give the output_dir of a run that saved its model")
     recipe_file = run_dir / "recipe.toml"
-    saved = tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    try:
+        saved = tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise DifftoolError(f"{recipe_file} is damaged ({exc}); restore it from the run's newest checkpoint "
+                            "(checkpoints/checkpoint-N/recipe.toml) or from a backup") from exc
     sampling = saved.get("sampling", {})
     name = scheduler or sampling.get("scheduler", "ddpm")
     # the run's own scheduler settings apply only to the run's own scheduler
@@ -161,9 +165,23 @@ def load_run(run_dir: Path):
     if (run_dir / adapters.MARKER).is_file():
         model, training_scheduler = adapters.adapted_model(run_dir)
         return build.denoiser(model), training_scheduler, model if build.is_latent(model) else None
-    pipeline = DiffusionPipeline.from_pretrained(run_dir)
+    from difftool.integrity import weights_problem
+
+    if problem := weights_problem(run_dir):  # before diffusers meets it, and logs its own errors
+        raise damaged_run(run_dir, problem)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(run_dir)
+    except Exception as exc:
+        raise damaged_run(run_dir, f"its model could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from exc
     latent = LatentDiffusion(pipeline, str(run_dir)) if hasattr(pipeline, "text_encoder") else None
     return pipeline.unet, pipeline.scheduler, latent
+
+
+def damaged_run(run_dir: Path, problem: str) -> DifftoolError:
+    """The error for a finished run whose saved model cannot be loaded, and how to mend it."""
+    return DifftoolError(f"{run_dir}: {problem}; the run's output is damaged: restore it from a backup, or "
+                         "save it again from its newest checkpoint (difftool run with "
+                         "run.resume_from_checkpoint = \"latest\" and overwrite_output_dir = true)")
 
 
 def inpaint(pipeline, prompting: Prompting, prompts: list[str], negative_prompt: str, guidance_scale: float,
@@ -197,13 +215,16 @@ def inpaint(pipeline, prompting: Prompting, prompts: list[str], negative_prompt:
 
 
 def open_image(path: Path, mode: str, size: int):
-    """The image at `path` in `mode`, resized to size x size."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at `path` in `mode` ("RGB", or "L" for a mask), resized to size x size. It is made
+    RGB first by `difftool.images.to_rgb` (upright, 16-bit scaled, transparency over white)."""
+    from PIL import Image
+
+    from difftool.images import to_rgb
 
     try:
         with Image.open(path) as image:
-            return image.convert(mode).resize((size, size), Image.BICUBIC)
-    except (OSError, UnidentifiedImageError) as exc:
+            return to_rgb(image).convert(mode).resize((size, size), Image.BICUBIC)
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise DifftoolError(f"{path} is not a readable image ({exc}); give a PNG or JPEG") from exc
 
 

@@ -7,7 +7,10 @@ Importing this module also keeps Hugging Face libraries offline.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,26 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return invoke
+
+
+@contextlib.contextmanager
+def running(args: list[str], cwd: Path, **popen):
+    """Start `args` (e.g. [sys.executable, "-m", "difftool", "run", ...]) in its own process group,
+    with output piped as text, and kill the group when the block ends, pass or fail.
+
+    The child gets the default Ctrl-C handler: a test suite started from a background job
+    ignores SIGINT, and a Python child would inherit that and never see a KeyboardInterrupt.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **popen.pop("env", {})}
+    process = subprocess.Popen(
+        args, cwd=cwd, env=env, text=True, start_new_session=True,
+        stdout=popen.pop("stdout", subprocess.PIPE), stderr=popen.pop("stderr", subprocess.PIPE),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()

@@ -1,8 +1,6 @@
 """End-to-end training runs on tiny models: outputs, logs, reproducibility, safety."""
 
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 from difftool import recipe as recipes
 from difftool.engine import train
 
-from difftool.testing import TINY_RECIPE
+from difftool.testing import TINY_RECIPE, running
 
 
 def tb_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -130,23 +128,18 @@ def test_cli_errors_are_one_line_without_traceback(cli, tiny_recipe, tmp_path):
     assert code == 1 and "Traceback" in err
 
 
-def run_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_saved(tiny_recipe, tmp_path):
     output_dir = tmp_path / "interrupted"
     recipe = tiny_recipe(output_dir=output_dir)
-    process = run_subprocess([sys.executable, "-m", "difftool", "run", str(recipe), "--set", "run.num_epochs=1000",
-                              "--set", "run.save_image_epochs=1000"], tmp_path)
-    deadline = time.monotonic() + 240
-    while not (output_dir / "model_index.json").exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert (output_dir / "model_index.json").exists(), process.communicate()
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    with running([sys.executable, "-m", "difftool", "run", str(recipe), "--set", "run.num_epochs=1000",
+                  "--set", "run.save_image_epochs=1000"], tmp_path) as process:
+        deadline = time.monotonic() + 240
+        while not (output_dir / "model_index.json").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert (output_dir / "model_index.json").exists(), process.communicate()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     from diffusers import DDPMPipeline
@@ -157,12 +150,12 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_saved(tiny_recipe, tmp_path):
 def test_two_processes_with_accelerate_launch(tiny_recipe, tmp_path):
     output_dir = tmp_path / "ddp"
     recipe = tiny_recipe(output_dir=output_dir)
-    process = run_subprocess([
+    with running([
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         "-m", "difftool", "run", str(recipe),
-    ], tmp_path)
-    _, err = process.communicate(timeout=600)
+    ], tmp_path) as process:
+        _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     # 16 images in batches of 8 shared by 2 processes: 1 optimizer step per epoch
     assert [step for step, _ in tb_scalars(output_dir)["loss"]] == [1, 2]
