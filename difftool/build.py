@@ -32,6 +32,18 @@ def denoiser(built):
     return built.unet if is_latent(built) else built
 
 
+def check_memory(recipe: Recipe, built) -> None:
+    """Refuse a batch and image size whose activations alone cannot fit in this machine's memory
+    (difftool.memory: a floor counted on the meta device, for models that take (sample, timestep))."""
+    from difftool.memory import too_big
+
+    table, unet = recipe["dataset"], denoiser(built)
+    channels = getattr(getattr(unet, "config", None), "in_channels", 3)
+    if problem := too_big(unet, table["batch_size"], table["image_size"], channels):
+        raise DifftoolError(f"{recipe.where('dataset')} {problem}: lower image_size or batch_size "
+                            "(gradient_accumulation_steps keeps the effective batch)")
+
+
 def adapters(recipe: Recipe, built) -> list:
     """Apply the [[adapters]] to the model's denoiser in order; returns their Adapter objects
     (each checked to be one when built: difftool.contracts)."""

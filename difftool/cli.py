@@ -90,6 +90,7 @@ def check(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HEL
     for section in ("loss_weighting", "timestep_sampler"):
         build.component(loaded, section)
     build.ema(loaded, model)
+    build.check_memory(loaded, model)
     table = Table("section", "component", "plugin", title=f"{recipe} is valid")
     for section, entry in loaded.entries.items():
         table.add_row(section, entry.name, entry.plugin)

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from difftool import __version__, adapters, build, checkpoints, files, lock, objective, plugins
@@ -55,6 +56,7 @@ class Parts:
     latent: object = None  # the LatentDiffusion model, for text-to-image; else None
     latent_cache: object = None  # its LatentCache, when [dataset] cache is on
     saved_step: int | None = None  # the step of the newest checkpoint saved (or resumed from)
+    done: bool = False  # the last epoch's saves are done
 
 
 def train(recipe: Recipe, force: bool = False) -> Path:
@@ -68,8 +70,8 @@ def train(recipe: Recipe, force: bool = False) -> Path:
     accelerator = make_accelerator(run, output_dir)
     if accelerator.is_main_process:
         for note in notes:
-            console.print(f"[yellow]{note}[/]")
-    state = None
+            console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
+    state = parts = None
     try:
         with contextlib.ExitStack() as held:
             parts, state, plan = prepare(recipe, accelerator)
@@ -92,13 +94,16 @@ def train(recipe: Recipe, force: bool = False) -> Path:
                 accelerator.init_trackers("difftool")
             plugins.call("on_train_start", state=state)
             loop(state, parts, plan)
+            parts.done = True
             plugins.call("on_train_end", state=state)
     except KeyboardInterrupt:
         kept = "the last saved pipeline, checkpoints and samples" if files.finished(output_dir) else "the checkpoints and samples saved so far"
         step = state.global_step if state is not None else 0
         raise Interrupted(f"interrupted at step {step}; {output_dir} keeps {kept}, each complete") from None
     except (files.WriteFailed, plugins.HookFailed) as exc:
-        raise DifftoolError(f"{exc}. {kept_after_failure(state, output_dir)}") from exc
+        done = state is not None and parts.done
+        kept = f"The run had finished: {output_dir} holds its model and samples, complete" if done else kept_after_failure(state, output_dir)
+        raise DifftoolError(f"{exc}. {kept}") from exc
     except RuntimeError as exc:
         if not out_of_memory(exc):
             raise

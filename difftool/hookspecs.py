@@ -81,6 +81,8 @@ def register_timestep_samplers(register):
 # Training hooks. `state` is a difftool.state.TrainState: accelerator, model, optimizer,
 # lr_schedule, recipe, output_dir, global_step, epoch, loss (the last optimizer step's), ...
 # They run in every process; check `state.accelerator.is_main_process` before writing files.
+# A hook that raises stops the run with a message naming its plugin (difftool.plugins.call).
+# What every registration hook's factory returns is checked when it is built (difftool.contracts).
 
 
 @hookspec

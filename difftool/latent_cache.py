@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-from difftool.files import atomic_path, usual_mode
+from rich.console import Console
+from rich.markup import escape
+
+from difftool.files import WriteFailed, atomic_path, usual_mode, writing
 
 
 def default_folder() -> Path:
@@ -47,17 +50,20 @@ def pixel_digests(pixels: torch.Tensor) -> list[str]:
 class LatentCache:
     """Latent distributions by pixel digest, under `folder`/latents/{vae digest}/. Entries are
     read from disk each time (the OS keeps recent files in memory), so a large dataset's cache
-    takes disk, not the run's memory."""
+    takes disk, not the run's memory.
+
+    It is only a cache: an entry that cannot be read (damaged, say) is encoded again and
+    rewritten, and when entries cannot be written (a full disk) the run says so once and goes
+    on encoding with the VAE."""
 
     def __init__(self, folder: Path, vae):
         self.folder = Path(folder) / "latents" / vae_digest(vae)
+        self.writable = True
 
     def encode(self, pixels: torch.Tensor, encode) -> torch.Tensor:
         """`encode(pixels)` for the batch, computed only for images not cached yet."""
-        from safetensors.torch import load_file
-
         digests = pixel_digests(pixels)
-        found = {i: load_file(str(self.path(d)))["latent"] for i, d in enumerate(digests) if self.path(d).is_file()}
+        found = {i: latent for i, d in enumerate(digests) if (latent := self.load(d)) is not None}
         missing = [i for i in range(len(digests)) if i not in found]
         if missing:
             for i, latent in zip(missing, encode(pixels[missing])):
@@ -67,13 +73,33 @@ class LatentCache:
     def path(self, digest: str) -> Path:
         return self.folder / digest[:2] / f"{digest}.safetensors"
 
+    def load(self, digest: str) -> torch.Tensor | None:
+        """The cached entry, or None if there is none or it cannot be read."""
+        from safetensors.torch import load_file
+
+        path = self.path(digest)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))["latent"]
+        except Exception:  # damaged: encoded again, and the entry rewritten
+            return None
+
     def store(self, digest: str, latent: torch.Tensor) -> torch.Tensor:
         from safetensors.torch import save_file
 
         latent = latent.detach().cpu().contiguous()
+        if not self.writable:
+            return latent
         path = self.path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as partial:
-            save_file({"latent": latent}, str(partial))
-            usual_mode(partial, 0o666)  # safetensors writes owner-only
+        try:
+            with writing("a latent cache entry", path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as partial:
+                    save_file({"latent": latent}, str(partial))
+                    usual_mode(partial, 0o666)  # safetensors writes owner-only
+        except WriteFailed as exc:
+            self.writable = False
+            note = f"{exc}; the run goes on without caching latents (set [dataset] latent_cache_dir elsewhere to cache them)"
+            Console(stderr=True).print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
         return latent

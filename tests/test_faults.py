@@ -391,6 +391,7 @@ def test_a_raising_hook_is_named_and_the_finished_model_is_kept(cli, plugin, tin
     code, _, err = cli("run", tiny_recipe(), *FAST)
     clean_error(code, err)
     assert "plugin 'buggy-plugin' failed in its on_train_end hook (KeyError" in err
+    assert f"The run had finished: {tmp_path / 'run'} holds its model and samples, complete" in err
     assert (tmp_path / "run" / "model_index.json").exists()
 
 
@@ -418,9 +419,60 @@ def test_out_of_memory_names_the_sizes_that_caused_it(cli, plugin, tiny_recipe):
     assert "image_size = 32 and batch_size = 8" in err and "lower image_size or batch_size" in err
 
 
+def test_check_refuses_an_image_size_whose_activations_cannot_fit(cli, tiny_recipe):
+    from difftool import memory
+
+    code, _, err = cli("check", tiny_recipe(), "--set", "dataset.image_size=4096", "--set", "dataset.batch_size=16")
+    clean_error(code, err)
+    assert "one training step at image_size = 4096 and batch_size = 16 needs at least 571.0 GiB" in err
+    assert "lower image_size or batch_size" in err
+    code, _, err = cli("check", tiny_recipe(), "--set", "dataset.image_size=131072")
+    clean_error(code, err)
+    assert "needs more than 16 EiB for its activations" in err
+    code, _, err = cli("check", tiny_recipe(), "--set", "dataset.image_size=128", "--set", "dataset.batch_size=16")
+    assert code == 0, err
+    from difftool import recipe as recipes, build
+
+    model = build.model(recipes.load(tiny_recipe(), ["dataset.image_size=64"]))
+    floor = memory.convolution_bytes(model, 16, 64, 3)
+    assert 0 < floor < 0.77 * 2**30  # below the 0.77 GiB peak measured for a real step at this size
+
+
 def test_an_image_size_too_big_for_memory_is_an_error(cli, tiny_recipe, tmp_path):
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
         pytest.skip("with overcommit_memory = 1 a huge allocation succeeds and the OOM killer ends the process")
     code, _, err = cli("run", tiny_recipe(), "--set", "dataset.image_size=131072", *FAST)
     clean_error(code, err)
     assert "out of memory" in err and "image_size = 131072" in err
+
+
+# -- the latent cache ----------------------------------------------------------------------
+
+
+def test_the_latent_cache_re_encodes_a_damaged_entry_and_survives_a_full_disk(disk, capsys):
+    from difftool.latent_cache import LatentCache
+    from difftool.tiny_models import vae
+
+    torch.manual_seed(0)
+    model = vae().eval()
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    calls = []
+
+    def encode(batch):
+        calls.append(len(batch))
+        return model.encode(batch).latent_dist.parameters.detach()
+
+    cache = LatentCache(disk(), model)
+    first = cache.encode(pixels, encode)
+    entries = sorted(cache.folder.rglob("*.safetensors"))
+    assert len(entries) == 2 and calls == [2]
+    cut(entries[0])  # damaged on disk: encoded again and rewritten
+    assert torch.allclose(cache.encode(pixels, encode), first, atol=1e-5) and calls == [2, 1]  # batch of 1 vs 2
+    assert torch.allclose(cache.encode(pixels, encode), first, atol=1e-5) and calls == [2, 1]
+    fill(cache.folder)
+    more = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert cache.encode(more, encode).shape[0] == 3 and not cache.writable
+    err = capsys.readouterr().err
+    assert "could not write a latent cache entry" in err and "the disk is full" in err
+    assert "goes on without caching latents" in err
+    assert cache.encode(more, encode).shape[0] == 3 and calls == [2, 1, 3, 3]
