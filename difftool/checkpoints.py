@@ -58,7 +58,8 @@ def resume_path(recipe) -> tuple[Path | None, list[str]]:
                 return path, notes
             notes.append(f"{path} is damaged: {problem}")
         raise DifftoolError(
-            f"{where}: every checkpoint in {folder(output_dir)} is damaged ({'; '.join(notes)}); restore one from a backup, or set overwrite_output_dir = true and no resume_from_checkpoint to start over"
+            f"{where}: every checkpoint in {folder(output_dir)} is damaged ({'; '.join(notes)}); restore one "
+            "from a backup, or set overwrite_output_dir = true and no resume_from_checkpoint to start over"
         )
     path = Path(wanted)
     if not (path / RECIPE).is_file():

@@ -101,10 +101,12 @@ def train(recipe: Recipe, force: bool = False) -> Path:
         step = state.global_step if state is not None else 0
         raise Interrupted(f"interrupted at step {step}; {output_dir} keeps {kept}, each complete") from None
     except (files.WriteFailed, plugins.HookFailed) as exc:
-        done = state is not None and parts.done
-        kept = f"The run had finished: {output_dir} holds its model and samples, complete" if done else kept_after_failure(state, output_dir)
+        if state is not None and parts.done:
+            kept = f"The run had finished: {output_dir} holds its model and samples, complete"
+        else:
+            kept = kept_after_failure(state, output_dir)
         raise DifftoolError(f"{exc}. {kept}") from exc
-    except RuntimeError as exc:
+    except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors, and Python's (PIL's)
         if not out_of_memory(exc):
             raise
         raise DifftoolError(out_of_memory_message(exc, recipe, state, output_dir)) from exc
@@ -171,7 +173,7 @@ def kept_after_failure(state: TrainState | None, output_dir: Path) -> str:
 def out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is torch running out of memory, on a GPU or on the CPU."""
     text = str(exc)
-    return (isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in text
+    return (isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", ()))) or "out of memory" in text
             or "DefaultCPUAllocator: can't allocate memory" in text or "not enough memory" in text)
 
 
