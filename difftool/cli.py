@@ -61,7 +61,7 @@ def main_options(
 
 @app.command()
 def run(
-    recipe: Path,
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML recipe, e.g. recipes/quickstart.toml."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     force: bool = typer.Option(False, help="Resume from a checkpoint even if the recipe changed its model, data or optimizer."),
 ) -> None:
@@ -74,7 +74,8 @@ def run(
 
 
 @app.command()
-def check(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML recipe."),
+          set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Validate a recipe and build its components (all but the dataset), without training."""
     from difftool import build
     from difftool import recipe as recipes
@@ -182,7 +183,7 @@ def report_failures() -> None:
 
 @app.command()
 def sample(
-    run_dir: Path,
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="The output_dir of a finished run."),
     scheduler: Optional[str] = typer.Option(None, help="Any registered scheduler (default: the run's [sampling] one)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Inference steps (default: the run's)."),
     num_images: Optional[int] = typer.Option(None, min=1, help="Images in the grid (default: the run's)."),

@@ -164,6 +164,8 @@ def kept_after_failure(state: TrainState | None, output_dir: Path) -> str:
         return (f"The run's state at its last step ({step}) is saved in {found[-1]}: once the cause is fixed, "
                 "rerun with --set run.resume_from_checkpoint=latest to go on from there without training again")
     model = "; the model saved at an earlier epoch is intact" if files.finished(output_dir) else ""
+    if not step and not found:
+        return f"Nothing was trained yet{model}"
     if found:
         return (f"The run stopped at step {step}; {found[-1]} (the newest checkpoint) and everything saved before "
                 f"it are intact{model}: once the cause is fixed, resume with --set run.resume_from_checkpoint=latest")
