@@ -183,7 +183,7 @@ def out_of_memory_message(exc: BaseException, recipe: Recipe, state: TrainState 
     """Out of memory, with the sizes that caused it and what to lower."""
     table = recipe["dataset"]
     first_line = str(exc).strip().splitlines()[0][:300]
-    where = "before training" if state is None or not state.global_step else f"at step {state.global_step + 1}"
+    where = "before training" if state is None else f"at step {state.global_step + 1}"
     message = (f"out of memory {where} ({first_line}) with dataset.image_size = {table['image_size']} and "
                f"batch_size = {table['batch_size']}: lower image_size or batch_size (gradient_accumulation_steps "
                "keeps the effective batch), or use a smaller model")
