@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +168,13 @@ def load_run(run_dir: Path):
         return build.denoiser(model), training_scheduler, model if build.is_latent(model) else None
     from difftool.integrity import weights_problem
 
-    if problem := weights_problem(run_dir):  # before diffusers meets it, and logs its own errors
-        raise damaged_run(run_dir, problem)
+    try:
+        components = json.loads((run_dir / "model_index.json").read_text())
+    except ValueError as exc:
+        raise damaged_run(run_dir, f"its model_index.json is damaged ({exc})") from exc
+    for name in components:  # checked before diffusers meets them, and logs its own errors
+        if (run_dir / name).is_dir() and (problem := weights_problem(run_dir / name)):
+            raise damaged_run(run_dir, problem)
     try:
         pipeline = DiffusionPipeline.from_pretrained(run_dir)
     except Exception as exc:

@@ -281,6 +281,10 @@ def test_sample_names_deleted_or_damaged_files(cli, finished_copy):
     code, _, err = cli("sample", run, "--steps", "1")
     clean_error(code, err)
     assert f"{run / 'unet'} has no weights file" in err
+    (run / "model_index.json").write_text('{"unet": ')
+    code, _, err = cli("sample", run, "--steps", "1")
+    clean_error(code, err)
+    assert "its model_index.json is damaged" in err
     assert not (run / "samples" / "sample-ddim-1.png").exists()
 
 
