@@ -75,7 +75,7 @@ def save(adapters: list[Adapter], model, recipe, folder: Path) -> None:
 
 def load(adapters: list[Adapter], model, recipe, run_dir: Path) -> None:
     """Load a finished adapted run's weights into `model`, freshly adapted from its recipe."""
-    from difftool.integrity import weights_problem
+    from difftool.integrity import damaged_output, weights_problem
 
     for adapter, name in zip(adapters, folders(recipe)):
         if not (run_dir / name).is_dir():
@@ -86,8 +86,7 @@ def load(adapters: list[Adapter], model, recipe, run_dir: Path) -> None:
             raise
         except Exception as exc:
             problem = weights_problem(run_dir / name) or f"{type(exc).__name__}: {str(exc)[:300]}"
-            raise DifftoolError(f"the adapter in {run_dir / name} could not be loaded: {problem}; restore it "
-                                "from a backup, or save the run again from its newest checkpoint") from exc
+            raise damaged_output(run_dir / name, f"the adapter could not be loaded: {problem}") from exc
 
 
 def adapted_model(run_dir: Path):
@@ -97,11 +96,12 @@ def adapted_model(run_dir: Path):
     from difftool import recipe as recipes
 
     recipe = recipes.load(run_dir / "recipe.toml")
+    from difftool.integrity import damaged_output
+
     try:
         folder = json.loads((run_dir / MARKER).read_text()).get("base_model_folder")
     except (ValueError, AttributeError) as exc:
-        raise DifftoolError(f"{run_dir / MARKER} is damaged ({exc}); restore it from a backup, or save the run "
-                            "again from its newest checkpoint") from exc
+        raise damaged_output(run_dir, f"its {MARKER} is damaged ({exc})") from exc
     pretrained = recipe["model"].get("pretrained")
     if folder and pretrained and not Path(pretrained).expanduser().exists():  # a relative path, from elsewhere
         recipe["model"]["pretrained"] = folder

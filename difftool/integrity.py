@@ -14,6 +14,8 @@ import json
 import struct
 from pathlib import Path
 
+from difftool.errors import DifftoolError
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -101,3 +103,11 @@ def weights_problem(folder: Path) -> str | None:
         if problem := safetensors_problem(path):
             return problem
     return None
+
+
+def damaged_output(where: Path, problem: str) -> DifftoolError:
+    """The error for a finished run's output (a model, an adapter, their index) that cannot be
+    loaded: `problem` at `where`, and how to mend it."""
+    return DifftoolError(f"{where}: {problem}; the run's output is damaged: restore it from a backup, or save it "
+                         "again from its newest checkpoint (difftool run with run.resume_from_checkpoint = "
+                         "\"latest\" and overwrite_output_dir = true)")

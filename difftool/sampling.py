@@ -166,28 +166,21 @@ def load_run(run_dir: Path):
     if (run_dir / adapters.MARKER).is_file():
         model, training_scheduler = adapters.adapted_model(run_dir)
         return build.denoiser(model), training_scheduler, model if build.is_latent(model) else None
-    from difftool.integrity import weights_problem
+    from difftool.integrity import damaged_output, weights_problem
 
     try:
         components = json.loads((run_dir / "model_index.json").read_text())
     except ValueError as exc:
-        raise damaged_run(run_dir, f"its model_index.json is damaged ({exc})") from exc
+        raise damaged_output(run_dir, f"its model_index.json is damaged ({exc})") from exc
     for name in components:  # checked before diffusers meets them, and logs its own errors
         if (run_dir / name).is_dir() and (problem := weights_problem(run_dir / name)):
-            raise damaged_run(run_dir, problem)
+            raise damaged_output(run_dir, problem)
     try:
         pipeline = DiffusionPipeline.from_pretrained(run_dir)
     except Exception as exc:
-        raise damaged_run(run_dir, f"its model could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        raise damaged_output(run_dir, f"its model could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from exc
     latent = LatentDiffusion(pipeline, str(run_dir)) if hasattr(pipeline, "text_encoder") else None
     return pipeline.unet, pipeline.scheduler, latent
-
-
-def damaged_run(run_dir: Path, problem: str) -> DifftoolError:
-    """The error for a finished run whose saved model cannot be loaded, and how to mend it."""
-    return DifftoolError(f"{run_dir}: {problem}; the run's output is damaged: restore it from a backup, or "
-                         "save it again from its newest checkpoint (difftool run with "
-                         "run.resume_from_checkpoint = \"latest\" and overwrite_output_dir = true)")
 
 
 def inpaint(pipeline, prompting: Prompting, prompts: list[str], negative_prompt: str, guidance_scale: float,
@@ -225,12 +218,12 @@ def open_image(path: Path, mode: str, size: int):
     RGB first by `difftool.images.to_rgb` (upright, 16-bit scaled, transparency over white)."""
     from PIL import Image
 
-    from difftool.images import to_rgb
+    from difftool.images import DECODE_ERRORS, to_rgb
 
     try:
         with Image.open(path) as image:
             return to_rgb(image).convert(mode).resize((size, size), Image.BICUBIC)
-    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+    except DECODE_ERRORS as exc:
         raise DifftoolError(f"{path} is not a readable image ({exc}); give a PNG or JPEG") from exc
 
 

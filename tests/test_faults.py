@@ -288,6 +288,38 @@ def test_sample_names_deleted_or_damaged_files(cli, finished_copy):
     assert not (run / "samples" / "sample-ddim-1.png").exists()
 
 
+class LastLayer:
+    """An adapter that trains only the UNet's last convolution, saved by the default Adapter."""
+
+    @difftool.hookimpl
+    def register_adapters(self, register):
+        from difftool.adapters import Adapter
+
+        def last_layer(model):
+            model.requires_grad_(False)
+            model.conv_out.requires_grad_(True)
+            return Adapter()
+
+        register("last-layer", last_layer, "trains conv_out alone")
+
+
+def test_sample_names_a_damaged_adapted_run(cli, plugin, tiny_recipe, tmp_path):
+    plugin(LastLayer(), name="last-layer")
+    recipe = tiny_recipe('\n[[adapters]]\nname = "last-layer"\n')
+    code, _, err = cli("run", recipe, "--set", "run.max_steps=1", *FAST)
+    assert code == 0, err
+    run = tmp_path / "run"
+    weights = run / "adapters" / "0-last-layer" / "adapter_weights.safetensors"
+    cut(weights)
+    code, _, err = cli("sample", run, "--steps", "1")
+    clean_error(code, err)
+    assert f"the adapter could not be loaded: {weights} is truncated" in err and "the run's output is damaged" in err
+    (run / "adapters.json").write_text("{broken")
+    code, _, err = cli("sample", run, "--steps", "1")
+    clean_error(code, err)
+    assert "its adapters.json is damaged" in err and "resume_from_checkpoint" in err
+
+
 # -- faults of the machine -----------------------------------------------------------------
 
 
