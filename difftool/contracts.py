@@ -69,6 +69,9 @@ CONTRACTS: dict[str, tuple[str, Callable[[Any], str | None]]] = {
     "loss_weightings": ("a callable (timesteps, noise_scheduler, prediction_type) -> weights, or None",
                         optional_callable),
     "timestep_samplers": ("a callable (batch_size, num_train_timesteps, device) -> timesteps", callable_),
+    "metrics": ("a metric (with update_reference, reference_state, load_reference_state, update, compute "
+                "and reset; see difftool.metrics.Metric)",
+                attributes("update_reference", "reference_state", "load_reference_state", "update", "compute", "reset")),
 }
 
 

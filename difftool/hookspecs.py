@@ -78,6 +78,15 @@ def register_timestep_samplers(register):
     torch's global RNG, so resumed runs draw the same ones)."""
 
 
+@hookspec
+def register_metrics(register):
+    """Register sample-quality metrics. Factory context: `device` (where to compute, e.g.
+    the accelerator's). Returns a `difftool.metrics.Metric`: it takes reference and generated
+    images in batches (uint8 tensors (N, 3, H, W)), keeps statistics rather than images, can
+    save and restore its reference statistics (cached on disk by difftool), and computes a
+    dict of named floats. Recipe keys ([evaluation.NAME]) are its keyword arguments."""
+
+
 # Training hooks. `state` is a difftool.state.TrainState: accelerator, model, optimizer,
 # lr_schedule, recipe, output_dir, global_step, epoch, loss (the last optimizer step's), ...
 # They run in every process; check `state.accelerator.is_main_process` before writing files.

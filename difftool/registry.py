@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adapters": ("adapter", ("model",)),
     "loss_weightings": ("loss weighting", ()),
     "timestep_samplers": ("timestep sampler", ()),
+    "metrics": ("metric", ("device",)),
 }
 
 

@@ -88,3 +88,11 @@ def register_loss_weightings(register):
 def register_timestep_samplers(register):
     register("uniform", "difftool.builtins.objectives:uniform", "timesteps uniform over the training range (the tutorial's)")
     register("logit-normal", "difftool.builtins.objectives:logit_normal", "timesteps from a logit-normal (mean, std), favouring the middle")
+
+
+@hookimpl
+def register_metrics(register):
+    register("swd", "difftool.builtins.swd:swd", "sliced Wasserstein distance of Laplacian-pyramid patches (Karras et al. 2018), x1e3; offline, no network")
+    register("fid", "difftool.builtins.inception:fid", "Frechet Inception distance (torchmetrics, Inception-v3 pool features of the FID network)")
+    register("kid", "difftool.builtins.inception:kid", "kernel Inception distance (torchmetrics, unbiased; mean and std over subsets)")
+    register("clip-score", "difftool.builtins.clip_score:clip_score", "CLIP score of images against their prompts (torchmetrics; CLIP from a local folder)")
