@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from difftool import __version__, adapters, build, checkpoints, files, lock, objective, plugins
+from difftool import __version__, adapters, build, checkpoints, evaluation, files, lock, objective, plugins
 from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
 from difftool.recipe import Recipe, dump
@@ -55,6 +55,7 @@ class Parts:
     recipe_text: str  # the resolved recipe with provenance, as written into every checkpoint
     latent: object = None  # the LatentDiffusion model, for text-to-image; else None
     latent_cache: object = None  # its LatentCache, when [dataset] cache is on
+    evaluation: object = None  # difftool.evaluation.InTraining when [evaluation] every_n_steps is set
     saved_step: int | None = None  # the step of the newest checkpoint saved (or resumed from)
     done: bool = False  # the last epoch's saves are done
 
@@ -142,6 +143,7 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
     if latent is not None:
         latent.cast_frozen(WEIGHT_DTYPES[accelerator.mixed_precision])
         parts.latent_cache = build.latent_cache(recipe, latent)
+    parts.evaluation = evaluation.in_training(recipe, accelerator.device, latent is not None, noise_scheduler, parts.sampler)
     optimizer = build.optimizer(recipe, model)
     plan = make_plan(recipe, len(parts.loader))
     lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
@@ -194,6 +196,7 @@ def out_of_memory_message(exc: BaseException, recipe: Recipe, state: TrainState 
 
 def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
     """The Accelerator of the tutorial, with the recipe's precision, accumulation and tracker."""
+    from difftool.history import HistoryTracker
     from difftool.precision import resolve
 
     precision = resolve(run["mixed_precision"])
@@ -206,7 +209,8 @@ def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         mixed_precision=precision,
         gradient_accumulation_steps=run["gradient_accumulation_steps"],
-        log_with=None if run["log_with"] == "none" else run["log_with"],
+        # logs/history.jsonl, whatever the tracker, so that `difftool compare` can read every run
+        log_with=[*([] if run["log_with"] == "none" else [run["log_with"]]), HistoryTracker(output_dir)],
         project_dir=str(output_dir / "logs"),
     )
     if accelerator.is_main_process and precision == "fp16" and accelerator.device.type == "cpu":
@@ -366,6 +370,8 @@ def after_step(state: TrainState, parts: Parts) -> None:
         state.accelerator.wait_for_everyone()
     if parts.validation is not None and state.global_step % validation["every_n_steps"] == 0:
         validate(state, parts)
+    if parts.evaluation is not None and state.global_step % state.recipe["evaluation"]["every_n_steps"] == 0:
+        evaluate(state, parts)
     if run["checkpointing_steps"] and state.global_step % run["checkpointing_steps"] == 0:
         checkpoint(state, parts)
 
@@ -403,6 +409,40 @@ def validate(state: TrainState, parts: Parts) -> None:
     accelerator.wait_for_everyone()
 
 
+def evaluate(state: TrainState, parts: Parts) -> None:
+    """The [evaluation] metrics of the output weights (EMA when enabled): samples split across
+    the processes and gathered, measured in the main process, logged as eval/<name> and
+    appended to output_dir/metrics.jsonl. Under fork_rng, and with its own generators, it
+    leaves every random state as it found it, so training goes on exactly as without it."""
+    accelerator, settings = state.accelerator, parts.evaluation
+    started = time.perf_counter()
+    model = accelerator.unwrap_model(state.model)
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    values = None
+    with torch.random.fork_rng(devices=devices), weights_for_output(state, model):
+        unet = build.denoiser(model)
+        unet.eval()
+        batches = evaluation.gathered(evaluation.generated_batches(
+            unet, settings.scheduler, settings.generation, accelerator.device, parts.latent, accelerator.autocast,
+            accelerator.process_index, accelerator.num_processes), accelerator, settings.generation.num_samples)
+        if accelerator.is_main_process:
+            settings.evaluator.prepare_reference(settings.generation.batch_size, console.print)
+            values = settings.evaluator.measure(batches)
+        else:
+            for _ in batches:  # this process's share, gathered by the main one
+                pass
+        unet.train()
+    settings.evaluated_step = state.global_step
+    if accelerator.is_main_process:
+        seconds = time.perf_counter() - started
+        accelerator.log({f"eval/{name}": value for name, value in values.items()}, step=state.global_step)
+        line = evaluation.metrics_line(state.global_step, seconds, settings.generation.num_samples, values)
+        files.append_line(state.output_dir / evaluation.METRICS_FILE, line, "the evaluation's metrics")
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+        console.print(f"step {state.global_step}: {escape(shown)} ({seconds:.1f} s)", highlight=False)
+    accelerator.wait_for_everyone()
+
+
 def end_of_epoch(state: TrainState, parts: Parts, last: bool) -> None:
     """Save the pipeline (EMA weights if enabled) and a sample grid at the recipe's epoch intervals.
 
@@ -413,6 +453,8 @@ def end_of_epoch(state: TrainState, parts: Parts, last: bool) -> None:
     accelerator, run, epoch = state.accelerator, state.recipe["run"], state.epoch
     if last and parts.saved_step != state.global_step:
         checkpoint(state, parts)
+    if last and parts.evaluation is not None and parts.evaluation.evaluated_step != state.global_step:
+        evaluate(state, parts)  # the final weights are always measured
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(state.model)
         if (epoch + 1) % run["save_model_epochs"] == 0 or last:

@@ -136,6 +136,14 @@ def write_text(path: Path, text: str, what: str = "a file") -> None:
         tmp.write_text(text)
 
 
+def append_line(path: Path, line: str, what: str = "a log") -> None:
+    """Append one line to a text file (a log: each line is whole or, after a crash, the last
+    may be cut short, which its readers skip)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(what, path), open(path, "a", encoding="utf-8") as file:
+        file.write(line.rstrip("\n") + "\n")
+
+
 def save_image(image, path: Path, what: str = "an image") -> None:
     """Save a PIL image atomically, in the format its suffix names."""
     with writing(what, path), atomic_path(path) as tmp:

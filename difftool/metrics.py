@@ -110,14 +110,14 @@ class ReferenceCache:
     def load(self, path: Path, metric) -> bool:
         """Give `metric` the state cached at `path`; False where there is none (or it is damaged,
         in which case it is recomputed and replaced)."""
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not path.is_file():
             return False
         try:
             state = load_file(path)
-        except (SafetensorsError, OSError, ValueError):
+        except (SafetensorError, OSError, ValueError, KeyError):
             return False
         metric.load_reference_state(state)
         return True

@@ -92,6 +92,16 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "fraction": (float, 0.1, FRACTION),
         "split": (str, None, None),
     },
+    "evaluation": {
+        "metrics": (list, ["swd"], STRINGS),
+        "every_n_steps": (int, None, POSITIVE),
+        "num_samples": (int, 256, POSITIVE),
+        "batch_size": (int, None, POSITIVE),
+        "scheduler": (str, None, None),
+        "num_inference_steps": (int, None, POSITIVE),
+        "seed": (int, 0, SEED),
+        "reference": (str, None, None),
+    },
     "attention": {"processor": (str, REQUIRED, None), "layers": (str, "*", None)},
     "adapters": {"name": (str, REQUIRED, None)},
 }
@@ -245,7 +255,10 @@ def fill_section(section: str, table: Any, problems: list[str]) -> dict[str, Any
     filled = dict(table)
     schema = SCHEMA[base(section)]
     if base(section) not in COMPONENTS:  # component sections' other keys are checked by their factory
-        problems += [f"[{section}] unknown key '{k}'{suggest(k, schema)}" for k in table if k not in schema]
+        # [evaluation]'s sub-tables ([evaluation.fid]) configure its metrics: check_evaluation
+        sub_tables = section == "evaluation"
+        problems += [f"[{section}] unknown key '{k}'{suggest(k, schema)}" for k in table
+                     if k not in schema and not (sub_tables and isinstance(table[k], dict))]
     for key, spec in schema.items():
         if key not in table:
             if spec[1] is REQUIRED:
@@ -293,10 +306,51 @@ def validate(data: dict[str, Any], path: str) -> Recipe:
             problems.append(message if message.startswith("[") else f"[{section}] {message}")
     problems += check_param_groups(recipe)
     problems += check_learning_rates(recipe)
+    problems += check_evaluation(recipe)
     if problems:
         head = f"{path}: " + ("" if len(problems) == 1 else f"{len(problems)} problems:\n  - ")
         raise DifftoolError(head + "\n  - ".join(problems))
     return recipe
+
+
+def check_evaluation(recipe: Recipe) -> list[str]:
+    """[evaluation]: each of its metrics must be registered, and each [evaluation.NAME] table
+    must configure one of them with keys its factory accepts. The metrics' entries are kept as
+    recipe.entries["evaluation.NAME"], the evaluation scheduler's (if set) as "evaluation"."""
+    from difftool.plugins import registry
+
+    table = recipe["evaluation"]
+    names = table["metrics"] if isinstance(table.get("metrics"), list) else []
+    problems = []
+    if isinstance(table.get("scheduler"), str):
+        try:
+            recipe.entries["evaluation"] = registry("schedulers").get(table["scheduler"])
+        except DifftoolError as exc:
+            problems.append(f"[evaluation] scheduler: {exc}")
+    if not names and isinstance(table.get("metrics"), list):
+        problems.append("[evaluation] metrics = [] names no metric; list at least one, e.g. [\"swd\"] "
+                        "(`difftool list metrics` shows them)")
+    for name in names:
+        if not isinstance(name, str):
+            continue
+        try:
+            entry = registry("metrics").get(name)
+            entry.check(list(metric_kwargs(recipe, name)), f"[evaluation.{name}]")
+            recipe.entries[f"evaluation.{name}"] = entry
+        except DifftoolError as exc:
+            message = str(exc)
+            problems.append(message if message.startswith("[") else f"[evaluation] metrics: {message}")
+    for key, value in table.items():
+        if isinstance(value, dict) and key not in names:
+            problems.append(f"[evaluation.{key}] configures metric '{key}', which [evaluation] metrics does not "
+                            f"list{suggest(key, names)}; add it to metrics = [...] or remove the table")
+    return problems
+
+
+def metric_kwargs(recipe: Recipe, name: str) -> dict[str, Any]:
+    """The [evaluation.NAME] table: the keyword arguments of the metric NAME."""
+    table = recipe["evaluation"].get(name)
+    return dict(table) if isinstance(table, dict) else {}
 
 
 def component_tables(recipe: Recipe):

@@ -88,25 +88,15 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
                seed: int | None, out: Path | None, overwrite: bool, prompting: Prompting | None = None) -> Path:
     """Generate a grid from a finished run's pipeline; what is not given comes from its recipe.
     A text-to-image run samples `prompting`'s prompt with classifier-free guidance, or inpaints."""
-    import tomllib
-
     from accelerate import PartialState
     from PIL import Image
 
-    from difftool.files import finished, save_image
+    from difftool.files import save_image
     from difftool.plugins import registry
     from difftool.recipe import SCHEMA
 
     prompting = prompting or Prompting()
-    if not finished(run_dir):
-        raise DifftoolError(f"{run_dir} is not a finished difftool run (it has no saved pipeline or adapters); "
-                            "give the output_dir of a run that saved its model")
-    recipe_file = run_dir / "recipe.toml"
-    try:
-        saved = tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise DifftoolError(f"{recipe_file} is damaged ({exc}); restore it from the run's newest checkpoint "
-                            "(checkpoints/checkpoint-N/recipe.toml) or from a backup") from exc
+    saved = saved_recipe(run_dir)
     sampling = saved.get("sampling", {})
     name = scheduler or sampling.get("scheduler", "ddpm")
     # the run's own scheduler settings apply only to the run's own scheduler
@@ -148,6 +138,23 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
             images = text_to_image(latent.pipeline(unet, chosen), **text)
     save_image(grid(images), out)
     return out
+
+
+def saved_recipe(run_dir: Path) -> dict[str, Any]:
+    """The tables of a finished run's recipe.toml ({} for a run saved without one)."""
+    import tomllib
+
+    from difftool.files import finished
+
+    if not finished(run_dir):
+        raise DifftoolError(f"{run_dir} is not a finished difftool run (it has no saved pipeline or adapters); "
+                            "give the output_dir of a run that saved its model")
+    recipe_file = run_dir / "recipe.toml"
+    try:
+        return tomllib.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise DifftoolError(f"{recipe_file} is damaged ({exc}); restore it from the run's newest checkpoint "
+                            "(checkpoints/checkpoint-N/recipe.toml) or from a backup") from exc
 
 
 def first(*values):
