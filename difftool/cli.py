@@ -80,6 +80,7 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
     from difftool import build
     from difftool import recipe as recipes
     from difftool.adapters import check_fusable
+    from difftool.evaluation import check_recipe as check_evaluation
 
     loaded = recipes.load(recipe, set_)
     model = build.model(loaded)
@@ -92,6 +93,7 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
         build.component(loaded, section)
     build.ema(loaded, model)
     build.check_memory(loaded, model)
+    check_evaluation(loaded, model, build.is_latent(model))
     table = Table("section", "component", "plugin", title=f"{recipe} is valid")
     for section, entry in loaded.entries.items():
         table.add_row(section, entry.name, entry.plugin)
@@ -206,6 +208,102 @@ def sample(
     prompting = Prompting(prompt, negative_prompt, guidance_scale, image, mask, strength, refiner, denoising_end)
     path = sample_run(run_dir, scheduler, steps, num_images, seed, out, overwrite, prompting)
     console.print(f"[green]wrote[/] {path}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Optional[Path] = typer.Argument(None, metavar="RUN_DIR", help="The output_dir of a finished run."),
+    metric: list[str] = typer.Option([], "--metric", help="A registered metric (repeatable; default: the run's [evaluation] metrics, else swd)."),
+    num_samples: Optional[int] = typer.Option(None, min=1, help="Images to generate (default: the run's [evaluation] num_samples, 256)."),
+    scheduler: Optional[str] = typer.Option(None, help="Any registered scheduler (default: the run's [evaluation], then [sampling] one)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Inference steps (default: the run's)."),
+    reference: Optional[Path] = typer.Option(None, help="A folder of real images to compare with (default: the run's dataset)."),
+    seed: Optional[int] = typer.Option(None, min=0, max=MAX_SEED, help="Seed of the first sample; sample i uses seed + i (default: the run's, 0)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Images generated (or read) per batch (default: the run's [dataset] batch_size)."),
+    images: Optional[Path] = typer.Option(None, help="Evaluate this folder of images (made by any program) instead of a run; needs --reference."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="With --images: the size to compare at (default: the first image's)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the result (values and settings) to this JSON file."),
+) -> None:
+    """Measure sample quality: generate from a finished run and compare with its dataset (or
+    --reference), or measure a folder of --images; prints a table and writes the result as JSON."""
+    import time
+
+    from difftool import evaluation, files
+
+    asked = evaluation.Asked(metric, num_samples, scheduler, steps, reference, seed, batch_size)
+    started = time.perf_counter()
+    report = lambda text: errors.print(escape(text), highlight=False)  # noqa: E731 (progress on stderr)
+    if (images is None) == (run_dir is None):
+        raise DifftoolError("give either RUN_DIR (a finished run) or --images FOLDER (with --reference), not "
+                            f"{'both' if images else 'neither'}")
+    if images is not None:
+        values, settings = evaluation.evaluate_images(images, asked, image_size, report)
+        written = []
+    else:
+        values, settings = evaluation.evaluate_run(run_dir, asked, report)
+        written = [run_dir / evaluation.EVALUATIONS / evaluation.result_name(settings)]
+    if json_file is not None:
+        written.append(json_file)
+    text = evaluation.result_text(values, settings, time.perf_counter() - started)
+    for path in written:
+        files.write_text(path, text, "the evaluation's result")
+    table = Table("metric", "value")
+    for name, value in evaluation.table_rows(values):
+        table.add_row(name, value)
+    console.print(f"{settings['num_samples']} samples vs {escape(settings['reference'] or 'their prompts')}",
+                  soft_wrap=True, highlight=False)
+    console.print(table)
+    for path in written:
+        console.print(f"[green]wrote[/] {path}")
+
+
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML recipe, the base of every run."),
+    grid: list[str] = typer.Option([], "--grid", help="SECTION.KEY=V1,V2,... (repeatable): one run per combination; values parsed as TOML, e.g. --grid model.block_out_channels=[32,64],[64,64]."),
+    seeds: int = typer.Option(1, min=1, help="Seeds per combination: the recipe's run.seed, +1, ... (default 1: its seed only)."),
+    out: Optional[Path] = typer.Option(None, help="Folder of the runs and sweep.json (default: the recipe's output_dir + '-sweep')."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Train one run per combination of --grid values (and per seed), one after another; run it
+    again to skip the finished runs and resume the others."""
+    from difftool.sweep import sweep as run_sweep
+
+    if not grid and seeds == 1:
+        raise DifftoolError("give what to sweep: --grid SECTION.KEY=V1,V2 (repeatable) and/or --seeds N")
+    done = run_sweep(recipe, grid, seeds, out, set_, report=lambda line: console.print(line, highlight=False))
+    console.print(f"[green]done[/]: {len(done.runs)} runs in {done.out}; "
+                  f"`difftool compare {done.out}` shows them side by side", highlight=False)
+
+
+@app.command()
+def compare(
+    folders: list[Path] = typer.Argument(..., metavar="RUN_OR_SWEEP_DIR...", help="Run folders, or folders of runs (a sweep's)."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the rows to this JSON file."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Draw loss, val_loss and metrics against steps into this PNG."),
+    last: int = typer.Option(20, min=1, help="Steps whose mean loss is the final training loss."),
+) -> None:
+    """Compare runs side by side: one row per setting (seeds averaged, mean ± std), with the
+    recipe keys that differ, final loss, best val_loss, metrics, wall time and images/s."""
+    from difftool import compare as comparing
+
+    if plot_file is not None:
+        comparing.plot_format(plot_file)  # a wrong suffix is refused before anything is read
+    report = comparing.compare(folders, last)
+    console.print(comparing.table(report))
+    written = []
+    if csv_file is not None:
+        comparing.write_csv(report, csv_file)
+        written.append(csv_file)
+    if json_file is not None:
+        comparing.write_json(report, json_file)
+        written.append(json_file)
+    if plot_file is not None:
+        comparing.plot(report, plot_file)
+        written.append(plot_file)
+    for path in written:
+        console.print(f"[green]wrote[/] {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -162,14 +162,18 @@ class Evaluator:
         return values
 
 
-def build_metrics(recipe, names: list[str], device=None) -> tuple[dict[str, Any], dict[str, dict]]:
-    """The metrics `names`, built from the registry with the recipe's [evaluation.NAME] keys."""
+def build_metrics(recipe, names: list[str], device=None, text_to_image: bool | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """The metrics `names`, built from the registry with the recipe's [evaluation.NAME] keys.
+    With `text_to_image` False, a metric whose factory says it `needs_prompts` is refused
+    before it is built (building may need files an unconditional run has no use for)."""
     from difftool.plugins import registry
     from difftool.recipe import metric_kwargs
 
     metrics, kwargs = {}, {}
-    for name in names:
-        entry = registry("metrics").get(name)
+    entries = {name: registry("metrics").get(name) for name in names}
+    if text_to_image is False:
+        check_fits({name: entry.load() for name, entry in entries.items()}, False, [], "[evaluation]")
+    for name, entry in entries.items():
         kwargs[name] = metric_kwargs(recipe, name) if recipe is not None else {}
         where = f"[evaluation.{name}]" if recipe is None else recipe.where(f"evaluation.{name}")
         entry.check(list(kwargs[name]), where)
@@ -323,7 +327,7 @@ def in_training(recipe, device, text_to_image: bool, training_scheduler, sampler
     table = recipe["evaluation"]
     if not table["every_n_steps"]:
         return None
-    metrics, kwargs = build_metrics(recipe, table["metrics"], device)
+    metrics, kwargs = build_metrics(recipe, table["metrics"], device, text_to_image)
     check_fits(metrics, text_to_image, recipe["sampling"]["prompts"], recipe.where("evaluation"))
     image_size = recipe["dataset"]["image_size"]
     evaluator = Evaluator(metrics, kwargs, reference_for(recipe, metrics, None, image_size), image_size)
@@ -338,7 +342,7 @@ def check_recipe(recipe, built_model, text_to_image: bool) -> None:
     table = recipe["evaluation"]
     if not table["every_n_steps"]:
         return
-    metrics, _ = build_metrics(recipe, table["metrics"])
+    metrics, _ = build_metrics(recipe, table["metrics"], text_to_image=text_to_image)
     check_fits(metrics, text_to_image, recipe["sampling"]["prompts"], recipe.where("evaluation"))
     for name, metric in metrics.items():
         needed = getattr(metric, "min_samples", 1)
@@ -378,10 +382,10 @@ def evaluate_run(run_dir: Path, asked: Asked, report=None) -> tuple[dict[str, fl
     recipe = recipes.validate(saved, str(run_dir / "recipe.toml"))
     names = asked.metrics or recipe["evaluation"]["metrics"]
     device = PartialState().device
-    metrics, kwargs = build_metrics(recipe, names, device)
     name = asked.scheduler or recipe["evaluation"]["scheduler"] or recipe["sampling"]["scheduler"]
     entry = registry("schedulers").get(name)
     unet, training_scheduler, latent = load_run(run_dir)
+    metrics, kwargs = build_metrics(recipe, names, device, latent is not None)
     check_fits(metrics, latent is not None, recipe["sampling"]["prompts"], "--metric")
     # the run's own [sampling] settings (thresholding, ...) go with its own sampling scheduler
     overrides = recipe.kwargs("sampling") if name == recipe["sampling"]["scheduler"] else {}

@@ -192,3 +192,9 @@ def test_recipe_evaluation_problems_are_found_before_training(tiny_recipe, tmp_p
     code, _, err = cli("check", path, "--set", 'evaluation.metrics=["mean-colour"]', "--set", "evaluation.every_n_steps=2",
                        "--set", f'evaluation.reference="{tmp_path / "missing"}"')
     assert code == 1 and "does not exist" in err
+
+
+def test_clip_score_on_an_unconditional_run_is_refused_before_it_is_built(tiny_recipe, cli, monkeypatch):
+    monkeypatch.delenv("DIFFTOOL_CLIP_MODEL", raising=False)
+    code, _, err = cli("check", tiny_recipe(), "--set", 'evaluation.metrics=["clip-score"]', "--set", "evaluation.every_n_steps=2")
+    assert code == 1 and "metric 'clip-score' scores images against their prompts, and this run's model is unconditional" in err
