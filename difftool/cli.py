@@ -278,7 +278,7 @@ def sweep(
 
 @app.command()
 def compare(
-    folders: list[Path] = typer.Argument(..., metavar="RUN_OR_SWEEP_DIR...", help="Run folders, or folders of runs (a sweep's)."),
+    run_dir: list[Path] = typer.Argument(..., metavar="RUN_OR_SWEEP_DIR...", help="Run folders, or folders of runs (a sweep's)."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the rows to this JSON file."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Draw loss, val_loss and metrics against steps into this PNG."),
@@ -288,9 +288,12 @@ def compare(
     recipe keys that differ, final loss, best val_loss, metrics, wall time and images/s."""
     from difftool import compare as comparing
 
+    for path, suffix, option in ((csv_file, ".csv", "--csv"), (json_file, ".json", "--json")):
+        if path is not None:  # a mistyped name is refused before anything is read or replaced
+            comparing.check_report_path(path, suffix, option)
     if plot_file is not None:
-        comparing.plot_format(plot_file)  # a wrong suffix is refused before anything is read
-    report = comparing.compare(folders, last)
+        comparing.plot_format(plot_file)
+    report = comparing.compare(run_dir, last)
     console.print(comparing.table(report))
     written = []
     if csv_file is not None:
