@@ -233,6 +233,8 @@ def eval_(
     asked = evaluation.Asked(metric, num_samples, scheduler, steps, reference, seed, batch_size)
     started = time.perf_counter()
     report = lambda text: errors.print(escape(text), highlight=False)  # noqa: E731 (progress on stderr)
+    if json_file is not None and json_file.suffix.lower() != ".json":
+        raise DifftoolError(f"--json {json_file}: give a file name ending in .json, e.g. result.json")
     if (images is None) == (run_dir is None):
         raise DifftoolError("give either RUN_DIR (a finished run) or --images FOLDER (with --reference), not "
                             f"{'both' if images else 'neither'}")
