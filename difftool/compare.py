@@ -370,11 +370,11 @@ def table(report: Report):
     result = Table(title=title)
     if not report.keys:
         result.add_column("runs", overflow="fold")
-    for key in report.keys:
-        result.add_column(key, overflow="fold")
-    result.add_column("n", justify="right")
+    for key in report.keys:  # the settings stay whole; a narrow terminal folds the numbers
+        result.add_column(key, no_wrap=True)
+    result.add_column("n", justify="right", no_wrap=True)
     for column in report.columns:
-        result.add_column(header(report, column), justify="right", no_wrap=True)
+        result.add_column(header(report, column), justify="right", overflow="fold")
     for setting in report.settings:
         cells = [] if report.keys else [", ".join(setting.names)]
         cells += [shown(setting.values[key]) for key in report.keys]
@@ -503,6 +503,9 @@ def plot(report: Report, path: Path) -> None:
                     axis.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                                       color=color, alpha=0.2, linewidth=0)
             axis.set_title("loss (running mean)" if panel == LOSS else panel)
+            values = [y for line in axis.lines for y in line.get_ydata()]
+            if panel in (LOSS, VAL_LOSS) and values and min(values) > 0 and max(values) > 10 * min(values):
+                axis.set_yscale("log")  # a loss falls by orders of magnitude: show the later steps too
             axis.set_xlabel("step")
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             if not axis.lines:

@@ -1,5 +1,6 @@
 """End-to-end training runs on tiny models: outputs, logs, reproducibility, safety."""
 
+import json
 import signal
 import sys
 import time
@@ -153,10 +154,16 @@ def test_two_processes_with_accelerate_launch(tiny_recipe, tmp_path):
     with running([
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "difftool", "run", str(recipe),
+        "-m", "difftool", "run", str(recipe), "--set", "evaluation.every_n_steps=1", "--set", "evaluation.num_samples=5",
+        "--set", "evaluation.batch_size=2",
     ], tmp_path) as process:
         _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     # 16 images in batches of 8 shared by 2 processes: 1 optimizer step per epoch
     assert [step for step, _ in tb_scalars(output_dir)["loss"]] == [1, 2]
     assert (output_dir / "model_index.json").exists()
+    # evaluation: each process generated its share (3 samples, 1 of them padding), gathered to 5
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and all(line["num_samples"] == 5 for line in lines)
+    assert all(line["values"]["swd"] > 0 for line in lines)
+    assert [step for step, _ in tb_scalars(output_dir)["eval/swd"]] == [1, 2]

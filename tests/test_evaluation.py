@@ -198,3 +198,54 @@ def test_clip_score_on_an_unconditional_run_is_refused_before_it_is_built(tiny_r
     monkeypatch.delenv("DIFFTOOL_CLIP_MODEL", raising=False)
     code, _, err = cli("check", tiny_recipe(), "--set", 'evaluation.metrics=["clip-score"]', "--set", "evaluation.every_n_steps=2")
     assert code == 1 and "metric 'clip-score' scores images against their prompts, and this run's model is unconditional" in err
+
+
+def test_the_built_in_swd_is_the_default_and_metrics_are_listed(tiny_recipe, cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    code, out, _ = cli("list", "metrics")
+    assert code == 0 and all(name in out for name in ("swd", "fid", "kid", "clip-score"))
+    run = train(recipes.load(tiny_recipe(), ["run.max_steps=1"]))
+    code, out, err = cli("eval", run, "--num-samples", "4", "--steps", "2")
+    assert code == 0, err
+    (written,) = (run / "evaluations").glob("*.json")
+    assert written.name == "swd_ddim_2steps_4samples_seed0.json"
+    values = json.loads(written.read_text())["values"]
+    assert set(values) == {"swd", "swd_32", "swd_16"} and values["swd"] > 0
+    assert values["swd"] == pytest.approx((values["swd_32"] + values["swd_16"]) / 2)
+
+
+class PromptLog(MeanColour):
+    """MeanColour that needs prompts, and keeps those it was given."""
+
+    seen: list = []
+
+    def __init__(self):
+        super().__init__(prompts=True)
+
+    def update(self, images, prompts=None):
+        PromptLog.seen.extend(prompts)
+        super().update(images, prompts)
+
+
+class PromptPlugin:
+    @difftool.hookimpl
+    def register_metrics(self, register):
+        register("prompt-log", PromptLog, "mean colours, with the prompts kept")
+
+
+def test_a_text_to_image_run_is_evaluated_on_its_prompts(plugin, tmp_path, monkeypatch):
+    from difftool.tiny_models import write_pipeline
+    from test_text_to_image import sd_recipe
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    plugin(PromptPlugin(), "prompt-plugin")
+    PromptLog.seen = []
+    pipeline = write_pipeline(tmp_path / "tiny-sd")
+    evaluation = {"metrics": ["prompt-log"], "every_n_steps": 1, "num_samples": 3, "batch_size": 2,
+                  "num_inference_steps": 2}
+    recipe = sd_recipe(tmp_path, pipeline, adapters=None, evaluation=evaluation, run={"max_steps": 1},
+                       sampling={"prompts": ["a red butterfly", "a blue butterfly"]})
+    out = train(recipes.load(recipe))
+    (line,) = read_lines(out / "metrics.jsonl")
+    assert line["step"] == 1 and line["num_samples"] == 3 and line["values"]["colour_distance"] >= 0
+    assert PromptLog.seen == ["a red butterfly", "a blue butterfly", "a red butterfly"]
