@@ -18,6 +18,7 @@ from difftool.errors import DifftoolError
 FINISHED_MARKERS = ("model_index.json", "adapters.json")
 RECIPE = "recipe.toml"  # a run's resolved recipe; at the top of output_dir, it describes the saved model
 LOCK = ".difftool.lock"  # held by the run writing into output_dir (difftool.lock)
+CACHE_ENV = "DIFFTOOL_CACHE_DIR"  # the root of difftool's caches (cache_root)
 # why a write failed, by errno, and what to do about it
 WRITE_PROBLEMS = {
     errno.ENOSPC: ("the disk is full", "free space there (df -h shows how much is left) or put output_dir on another disk"),
@@ -90,6 +91,14 @@ def writing(what: str, path: Path, cleanup=None):
         if failed is None:
             raise
         raise failed from exc
+
+
+def cache_root() -> Path:
+    """Where difftool keeps its caches (latents, reference statistics, metric networks):
+    $DIFFTOOL_CACHE_DIR, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)/difftool."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "difftool"
 
 
 def finished(output_dir: Path) -> bool:

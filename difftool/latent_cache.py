@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,14 +19,12 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from difftool.files import WriteFailed, atomic_path, usual_mode, writing
+from difftool.files import WriteFailed, atomic_path, cache_root, usual_mode, writing
 
 
 def default_folder() -> Path:
-    """$DIFFTOOL_CACHE_DIR, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)/difftool."""
-    if os.environ.get("DIFFTOOL_CACHE_DIR"):
-        return Path(os.environ["DIFFTOOL_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "difftool"
+    """difftool's cache folder (difftool.files.cache_root)."""
+    return cache_root()
 
 
 def vae_digest(vae) -> str:

@@ -20,7 +20,6 @@ from typing import Any
 
 from difftool.errors import DifftoolError
 
-CACHE_ENV = "DIFFTOOL_CACHE"  # where reference statistics are kept (default ~/.cache/difftool)
 
 
 class Metric:
@@ -91,10 +90,11 @@ def folder_fingerprint(folder: Path) -> list:
 
 
 def cache_dir() -> Path:
-    """The folder of cached reference statistics: $DIFFTOOL_CACHE/reference, default
-    ~/.cache/difftool/reference."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "difftool"
-    return Path(root) / "reference"
+    """The folder of cached reference statistics: reference/ in difftool's cache folder
+    ($DIFFTOOL_CACHE_DIR, default ~/.cache/difftool)."""
+    from difftool.files import cache_root
+
+    return cache_root() / "reference"
 
 
 class ReferenceCache:

@@ -2,7 +2,9 @@
 seconds on CPU, in-process plugin registration, and the CLI run in-process.
 
 Use them from a conftest.py: `from difftool.testing import cli, plugin, tiny_recipe`.
-Importing this module also keeps Hugging Face libraries offline.
+Importing this module also keeps Hugging Face libraries offline, and points difftool's cache
+folder ($DIFFTOOL_CACHE_DIR) at a new temporary folder unless it is set already, so tests never
+read or fill the user's caches.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DIFFTOOL_CACHE_DIR", tempfile.mkdtemp(prefix="difftool-tests-cache-"))
 os.environ["COLUMNS"] = "200"  # rich tables unwrapped, so assertions see whole lines
 
 TINY_RECIPE = """

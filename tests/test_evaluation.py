@@ -69,7 +69,7 @@ EVALUATION = ['evaluation.metrics=["mean-colour"]', "evaluation.every_n_steps=2"
 
 @pytest.fixture
 def metric(plugin, tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIFFTOOL_CACHE_DIR", str(tmp_path / "cache"))
     MeanColour.reference_passes = 0
     plugin(MetricPlugin(), "metric-plugin")
 
@@ -201,7 +201,7 @@ def test_clip_score_on_an_unconditional_run_is_refused_before_it_is_built(tiny_r
 
 
 def test_the_built_in_swd_is_the_default_and_metrics_are_listed(tiny_recipe, cli, monkeypatch, tmp_path):
-    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIFFTOOL_CACHE_DIR", str(tmp_path / "cache"))
     code, out, _ = cli("list", "metrics")
     assert code == 0 and all(name in out for name in ("swd", "fid", "kid", "clip-score"))
     run = train(recipes.load(tiny_recipe(), ["run.max_steps=1"]))
@@ -237,7 +237,7 @@ def test_a_text_to_image_run_is_evaluated_on_its_prompts(plugin, tmp_path, monke
     from difftool.tiny_models import write_pipeline
     from test_text_to_image import sd_recipe
 
-    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIFFTOOL_CACHE_DIR", str(tmp_path / "cache"))
     plugin(PromptPlugin(), "prompt-plugin")
     PromptLog.seen = []
     pipeline = write_pipeline(tmp_path / "tiny-sd")

@@ -62,7 +62,7 @@ def stand_in(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """A cache folder of the test's own, no weights named anywhere, and no downloads."""
-    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIFFTOOL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     monkeypatch.delenv(clip_module.MODEL_ENV, raising=False)
 

@@ -9,7 +9,7 @@ Inception needs torch-fidelity, which difftool does not use; both its FID and KI
 any feature module instead, which is how this network reaches them.
 
 The weights come from, in this order: the metric's `weights = "path"` key, the environment
-variable DIFFTOOL_INCEPTION_WEIGHTS, the cached download ($DIFFTOOL_CACHE or ~/.cache/difftool,
+variable DIFFTOOL_INCEPTION_WEIGHTS, the cached download ($DIFFTOOL_CACHE_DIR or ~/.cache/difftool,
 then inception-2015-12-05.pt), else a download into that cache.
 """
 
@@ -27,7 +27,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from difftool.errors import DifftoolError
-from difftool.metrics import CACHE_ENV, Metric
+from difftool.files import cache_root
+from difftool.metrics import Metric
 
 WEIGHTS_NAME = "inception-2015-12-05.pt"
 WEIGHTS_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + WEIGHTS_NAME
@@ -39,10 +40,9 @@ KID_SEED = 0  # KID's random subsets are drawn from this seed, so the same featu
 
 
 def cached_weights() -> Path:
-    """Where the downloaded network is kept: $DIFFTOOL_CACHE/inception-2015-12-05.pt, default
-    ~/.cache/difftool/inception-2015-12-05.pt."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "difftool"
-    return Path(root).expanduser() / WEIGHTS_NAME
+    """Where the downloaded network is kept: inception-2015-12-05.pt in difftool's cache folder
+    ($DIFFTOOL_CACHE_DIR, default ~/.cache/difftool)."""
+    return cache_root() / WEIGHTS_NAME
 
 
 def download(url: str, path: Path) -> None:
@@ -239,7 +239,7 @@ class InceptionMetric(Metric):
             if not fits:
                 raise DifftoolError(
                     f"the cached reference statistics of {self.name} do not fit its network ({key}); delete them "
-                    "(under $DIFFTOOL_CACHE/reference, default ~/.cache/difftool/reference) so that they are "
+                    "(under $DIFFTOOL_CACHE_DIR/reference, default ~/.cache/difftool/reference) so that they are "
                     "computed again")
 
 
