@@ -32,7 +32,6 @@ from difftool.metrics import Metric
 
 WEIGHTS_NAME = "inception-2015-12-05.pt"
 WEIGHTS_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + WEIGHTS_NAME
-WEIGHTS_SIZE = "about 95 MB"
 WEIGHTS_ENV = "DIFFTOOL_INCEPTION_WEIGHTS"
 MIN_IMAGE_SIZE = 16  # px; smaller images say little once the network has upsampled them to 299
 PROBE_SIZE = 32  # px of the one dummy image that finds the network's feature dimension
@@ -59,7 +58,7 @@ def download(url: str, path: Path) -> None:
 def ways_to_provide(metric: str, named: bool = False) -> str:
     """The three ways to give the network, for error messages (`named`: the message has already
     named the file and its URL)."""
-    what = "it" if named else f"{WEIGHTS_NAME} ({WEIGHTS_SIZE}) from {WEIGHTS_URL}"
+    what = "it" if named else f"{WEIGHTS_NAME} (TorchScript) from {WEIGHTS_URL}"
     return (f"download {what} on a machine with network access, then either set "
             f"weights = \"path/to/{WEIGHTS_NAME}\" in [evaluation.{metric}], "
             f"or set {WEIGHTS_ENV}=path/to/{WEIGHTS_NAME}, or put it at {cached_weights()}")
@@ -95,7 +94,7 @@ def weights_path(metric: str, weights: str | None) -> tuple[Path, str]:
             download(WEIGHTS_URL, cached)
         except Exception as exc:  # no network, a proxy's error page, an unwritable cache: all end here
             raise DifftoolError(
-                f"{metric} needs the FID Inception network {WEIGHTS_NAME} (TorchScript, {WEIGHTS_SIZE}) and could not "
+                f"{metric} needs the FID Inception network {WEIGHTS_NAME} (TorchScript) and could not "
                 f"download it from {WEIGHTS_URL} ({type(exc).__name__}: {exc}); "
                 f"{ways_to_provide(metric, named=True)}") from exc
     return cached, source
@@ -103,7 +102,7 @@ def weights_path(metric: str, weights: str | None) -> tuple[Path, str]:
 
 @functools.lru_cache(maxsize=8)
 def file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """The sha256 of a file (memoised by path, size and mtime, as it is ~95 MB)."""
+    """The sha256 of a file (memoised by path, size and mtime: the network file is large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
