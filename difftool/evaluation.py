@@ -342,13 +342,11 @@ def check_recipe(recipe, built_model, text_to_image: bool) -> None:
     table = recipe["evaluation"]
     if not table["every_n_steps"]:
         return
-    metrics, _ = build_metrics(recipe, table["metrics"], text_to_image=text_to_image)
+    metrics, kwargs = build_metrics(recipe, table["metrics"], text_to_image=text_to_image)
     check_fits(metrics, text_to_image, recipe["sampling"]["prompts"], recipe.where("evaluation"))
-    for name, metric in metrics.items():
-        needed = getattr(metric, "min_samples", 1)
-        if table["num_samples"] < needed:
-            raise DifftoolError(f"{recipe.where('evaluation')} num_samples = {table['num_samples']} is too few for "
-                                f"'{name}', which needs at least {needed} generated images; raise it to {needed} or more")
+    # the dataset is not built by `check`, so the reference's size is found before the first step
+    Evaluator(metrics, kwargs, None, recipe["dataset"]["image_size"]).check_counts(
+        table["num_samples"], recipe.where("evaluation"))
     if table["reference"]:
         image_files(Path(table["reference"]), "[evaluation] reference =")
 
@@ -416,24 +414,23 @@ def evaluate_images(folder: Path, asked: Asked, image_size: int | None = None, r
     """Measure a folder of images made by any program against `asked.reference`."""
     from accelerate import PartialState
 
-    files = image_files(folder, "--images")
     names = asked.metrics or ["swd"]
     metrics, kwargs = build_metrics(None, names, PartialState().device)
     for name, metric in metrics.items():
         if getattr(metric, "needs_prompts", False):
             raise DifftoolError(f"--metric {name} scores images against their prompts, which a folder of images "
                                 "does not have; evaluate the run that made them instead")
+    size = image_size or first_image_size(folder)
     if asked.reference is None:
         raise DifftoolError("--images needs --reference FOLDER: the real images to compare with")
-    size = image_size or first_image_size(folder)
     reference = folder_reference(asked.reference, size)
     generated = folder_reference(folder, size, what="--images")
     evaluator = Evaluator(metrics, kwargs, reference, size)
-    evaluator.check_counts(len(files), f"--images {folder} holds {len(files)} images:")
+    evaluator.check_counts(generated.count, f"--images {folder} holds {generated.count} images:")
     batch_size = asked.batch_size or 64
     evaluator.prepare_reference(batch_size, report)
     values = evaluator.measure((images, None) for images in generated.batches(batch_size))
-    settings = {"images": str(folder), "metrics": names, "metric_settings": kwargs, "num_samples": len(files),
+    settings = {"images": str(folder), "metrics": names, "metric_settings": kwargs, "num_samples": generated.count,
                 "image_size": size, "reference": reference.description, "reference_fingerprint": reference.fingerprint}
     return values, settings
 
