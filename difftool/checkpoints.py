@@ -89,19 +89,12 @@ def load(accelerator, path: Path) -> None:
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
     """'section.key: old -> new' for every protected value that differs."""
-    def flat(data: dict) -> dict:
-        out = {}
-        for section in PROTECTED:
-            tables = data.get(section, {})
-            tables = {str(i): t for i, t in enumerate(tables)} if isinstance(tables, list) else {"": tables}
-            for prefix, table in tables.items():
-                for key, value in table.items():
-                    out[".".join(filter(None, (section, prefix, key)))] = value
-        return out
+    from difftool.recipe import differences, flatten
 
-    old, new = flat(saved), flat(current)
-    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    def protected(data: dict) -> dict:  # no [[adapters]] at all is written as none: leave both out
+        return flatten({section: data[section] for section in PROTECTED if data.get(section) not in (None, [])})
+
+    return differences(protected(saved), protected(current))
 
 
 def check_unchanged(path: Path, recipe, force: bool) -> None:

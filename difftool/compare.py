@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from difftool import files
+from difftool.recipe import flatten
 from difftool.errors import DifftoolError
 
 HISTORY = Path("logs") / "history.jsonl"  # written by difftool.history.HistoryTracker
@@ -159,20 +160,6 @@ def sweep_order(folder: Path):
     except (OSError, ValueError, KeyError, TypeError):
         listed = []
     return lambda path: (listed.index(path.name) if path.name in listed else len(listed), path.name)
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{'SECTION.KEY': value}; tables nest with dots, arrays of tables by index (adapters.0.r)."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
-        items = ((str(i), item) for i, item in enumerate(value))
-    else:
-        return {prefix: value}
-    flat: dict[str, Any] = {}
-    for key, item in items:
-        flat.update(flatten(item, f"{prefix}.{key}" if prefix else key))
-    return flat
 
 
 def read_recipe(folder: Path) -> dict[str, Any]:

@@ -267,11 +267,15 @@ def table_rows(values: dict[str, float]) -> list[tuple[str, str]]:
     return [(name, f"{value:.4g}" if math.isfinite(value) else str(value)) for name, value in values.items()]
 
 
+def json_values(values: dict[str, float]) -> dict[str, float | None]:
+    """Metric values for JSON, which has no NaN or infinity: those become null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+
+
 def metrics_line(step: int, seconds: float, num_samples: int, values: dict[str, float]) -> str:
     """One line of output_dir/metrics.jsonl."""
-    clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
     return json.dumps({"step": step, "time": time.time(), "seconds": round(seconds, 3),
-                       "num_samples": num_samples, "values": clean})
+                       "num_samples": num_samples, "values": json_values(values)})
 
 
 @dataclass
@@ -444,6 +448,5 @@ def result_name(settings: dict[str, Any]) -> str:
 
 def result_text(values: dict[str, float], settings: dict[str, Any], seconds: float) -> str:
     """An evaluation's result as JSON: values, the settings that produced them, when, how long."""
-    clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-    return json.dumps({"values": clean, "settings": settings, "time": time.time(), "seconds": round(seconds, 3)},
+    return json.dumps({"values": json_values(values), "settings": settings, "time": time.time(), "seconds": round(seconds, 3)},
                       indent=2) + "\n"

@@ -400,6 +400,26 @@ def check_learning_rates(recipe: Recipe) -> list[str]:
     ]
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'SECTION.KEY': value}; tables nest with dots, arrays of tables by index (adapters.0.r)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        items = ((str(i), item) for i, item in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for each key of two flattened recipes whose values differ."""
+    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     return validate(read(path, overrides), str(path))

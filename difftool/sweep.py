@@ -218,12 +218,9 @@ def changed_keys(output_dir: Path, recipe) -> list[str]:
         data.pop(recipes.PROVENANCE, None)
         for key in BOOKKEEPING:
             data.get("run", {}).pop(key, None)
-        return {f"{section}.{key}": value for section, table in data.items()
-                for key, value in (table.items() if isinstance(table, dict) else [("", table)])}
+        return recipes.flatten(data)
 
-    old, new = flat(saved), flat(wanted)
-    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return recipes.differences(flat(saved), flat(wanted))
 
 
 def decide(run: Run, previous: dict[str, str]) -> None:
