@@ -8,9 +8,12 @@ from difftool.errors import DifftoolError
 from difftool.recipe import Recipe
 
 
-def model(recipe: Recipe):
-    """The model, fitted to the image size, with its attention processors set."""
-    built = recipe.entries["model"].build(recipe.kwargs("model"), recipe.where("model"))
+def model(recipe: Recipe, num_classes: int | None = None):
+    """The model, fitted to the image size, with its attention processors set. `num_classes`:
+    the classes of a class-conditional run (the factory makes room for the null class too),
+    None for an unconditional one."""
+    built = recipe.entries["model"].build(recipe.kwargs("model"), recipe.where("model"),
+                                          image_size=recipe["dataset"]["image_size"], num_classes=num_classes)
     if is_latent(built):
         built.check_image_size(recipe["dataset"]["image_size"], recipe.where("dataset"))
     else:
@@ -34,7 +37,8 @@ def denoiser(built):
 
 def check_memory(recipe: Recipe, built) -> None:
     """Refuse a batch and image size whose activations alone cannot fit in this machine's memory
-    (difftool.memory: a floor counted on the meta device, for models that take (sample, timestep))."""
+    (difftool.memory: a floor counted on the meta device, for models that take (sample, timestep)
+    and perhaps class_labels; a model it cannot run there is not checked)."""
     from difftool.memory import too_big
 
     table, unet = recipe["dataset"], denoiser(built)
@@ -56,15 +60,13 @@ def adapters(recipe: Recipe, built) -> list:
 
 
 def fit_image_size(built, image_size: int, where: str) -> None:
-    """Check the model can take `image_size` images, and record it as the model's sample_size."""
-    config = getattr(built, "config", None)
-    downsamples = max(len(getattr(config, "down_block_types", ()) or ()) - 1, 0)
-    factor = 2 ** downsamples
+    """Check the model can take `image_size` images (a multiple of its `size_multiple`, if it
+    has one), and record it as the model's sample_size."""
+    factor = getattr(built, "size_multiple", None) or 1
     if image_size % factor:
-        raise DifftoolError(
-            f"{where} image_size = {image_size} must be divisible by {factor}, since the model "
-            f"halves the resolution {downsamples} times; use {image_size // factor * factor or factor}"
-        )
+        raise DifftoolError(f"{where} image_size = {image_size} must be divisible by {factor}, the model's "
+                            f"size multiple; use {image_size // factor * factor or factor}")
+    config = getattr(built, "config", None)
     sample_size = getattr(config, "sample_size", None)
     if sample_size is None and hasattr(built, "register_to_config"):
         built.register_to_config(sample_size=image_size)
@@ -136,14 +138,42 @@ def rows(recipe: Recipe, kwargs: dict, captions: bool = False):
                             "update the plugin, or report this to its authors") from exc
     for index, row in enumerate(built if isinstance(built, (list, tuple)) else [first]):
         check_row(row, index, where, who)
-    column = recipe["dataset"]["caption_column"]
-    if captions and column not in first:
+    if captions:
+        check_captions(recipe, built)
+    return built
+
+
+def check_captions(recipe: Recipe, built) -> None:
+    """A text-to-image model needs the dataset's rows to have the caption column."""
+    name, where, column = recipe["dataset"]["name"], recipe.where("dataset"), recipe["dataset"]["caption_column"]
+    first = built[0]
+    if column not in first:
         raise DifftoolError(
             f"{where} a text-to-image model needs captions, and dataset '{name}' rows have no '{column}' column "
             f"(they have {list(first)}); set caption_column, or give an imagefolder a metadata.jsonl "
             'with lines like {"file_name": "0001.png", "text": "a caption"}'
         )
-    return built
+
+
+def class_names(recipe: Recipe, built) -> list[str] | None:
+    """The class names of the [dataset] label_column (None when the run is unconditional)."""
+    from difftool.data import class_names as names
+
+    column = recipe["dataset"]["label_column"]
+    return None if column is None else names(built, column, recipe.where("dataset"))
+
+
+def check_guidance(recipe: Recipe, text: bool, classes: list[str] | None) -> None:
+    """Classifier-free guidance needs a model that was trained with conditions to drop."""
+    scale = recipe["sampling"]["guidance_scale"]
+    if scale is not None and not text and classes is None:
+        raise DifftoolError(f"{recipe.where('sampling')} guidance_scale = {scale} guides a class-conditional or "
+                            "text-to-image model, and this one is unconditional; remove guidance_scale, or train "
+                            "a class-conditional model ([dataset] label_column)")
+    if classes is not None:
+        from difftool.conditioning import check_guidance as check
+
+        check(scale, recipe["dataset"]["label_dropout"], recipe.where("sampling"))
 
 
 def check_row(row, index: int, where: str, who: str) -> None:
@@ -193,9 +223,10 @@ def datasets(recipe: Recipe, captions: bool = False):
     return subset(training, order[held_out:]), subset(training, order[:held_out])
 
 
-def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True, captions: bool = False):
-    """A DataLoader over preprocessed rows (with their captions, if asked), shuffled anew each
-    epoch from (seed, epoch)."""
+def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True, captions: bool = False,
+               classes: list[str] | None = None):
+    """A DataLoader over preprocessed rows (with their captions, if asked, and their class
+    labels, for a class-conditional run), shuffled anew each epoch from (seed, epoch)."""
     import torch
 
     from difftool.data import EpochShuffle, ImageDataset
@@ -204,7 +235,8 @@ def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True, captions: boo
     workers = table["num_workers"]
     return torch.utils.data.DataLoader(
         ImageDataset(dataset_rows, table["image_size"], cache=table["cache"], shared=workers > 0,
-                     center_crop=table["center_crop"], caption_column=table["caption_column"] if captions else None),
+                     center_crop=table["center_crop"], caption_column=table["caption_column"] if captions else None,
+                     labels=None if classes is None else {"column": table["label_column"], "names": classes}),
         batch_size=table["batch_size"], num_workers=workers, persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
         sampler=EpochShuffle(len(dataset_rows), seed) if shuffle else None,
@@ -224,6 +256,50 @@ def latent_cache(recipe: Recipe, latent):
         return None
     return LatentCache(Path(table["latent_cache_dir"]).expanduser() if table["latent_cache_dir"] else default_folder(),
                        latent.vae)
+
+
+def objective(recipe: Recipe, noise_scheduler):
+    """The [objective] over the noise scheduler (which it may configure: flow matching's shift)."""
+    return recipe.entries["objective"].build(recipe.kwargs("objective"), recipe.where("objective"),
+                                             noise_scheduler=noise_scheduler, image_size=recipe["dataset"]["image_size"])
+
+
+def check_objective(recipe: Recipe, built, schedulers: dict, sampler, weighting) -> None:
+    """Refuse schedulers ({section: scheduler}), a timestep sampler or a loss weighting that do
+    not fit the objective: each scheduler is asked of the objective, and the sampler and the
+    weighting are tried on one batch of times, with torch's RNG left as it was."""
+    import torch
+
+    name = recipe["objective"]["name"]
+    for section, scheduler in schedulers.items():
+        if problem := built.check_scheduler(scheduler, section):
+            raise DifftoolError(f"{recipe.where(section)} scheduler '{type(scheduler).__name__}' does not fit "
+                                f"objective '{name}': it {problem}")
+    sampler_name, weighting_name = recipe["timestep_sampler"]["name"], recipe["loss_weighting"]["name"]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            times = built.times(sampler, 64, "cpu")
+        except DifftoolError as exc:
+            raise DifftoolError(f"{recipe.where('timestep_sampler')} timestep sampler '{sampler_name}' does not fit "
+                                f"objective '{name}': {exc}") from exc
+        except Exception as exc:
+            raise DifftoolError(f"{recipe.where('timestep_sampler')} timestep sampler '{sampler_name}' failed on a "
+                                f"trial draw ({type(exc).__name__}: {exc}); it is called as (batch_size, "
+                                "num_train_timesteps, device), with num_train_timesteps None for a continuous "
+                                "objective") from exc
+        low, high = (0.0, 1.0) if built.continuous else (0, built.num_train_timesteps - 1)
+        if times.numel() and (times.min().item() < low or times.max().item() > high):
+            raise DifftoolError(f"{recipe.where('timestep_sampler')} timestep sampler '{sampler_name}' drew times "
+                                f"outside [{low}, {high}] for objective '{name}'")
+        try:
+            weighting(times, built) if weighting else None
+        except DifftoolError as exc:
+            raise DifftoolError(f"{recipe.where('loss_weighting')} loss weighting '{weighting_name}' does not fit "
+                                f"objective '{name}': {exc}") from exc
+        except Exception as exc:
+            raise DifftoolError(f"{recipe.where('loss_weighting')} loss weighting '{weighting_name}' failed on a "
+                                f"trial batch ({type(exc).__name__}: {exc}); it is called as (times, objective) "
+                                "and returns one weight per sample or None") from exc
 
 
 def component(recipe: Recipe, section: str):

@@ -89,12 +89,17 @@ def load(accelerator, path: Path) -> None:
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
     """'section.key: old -> new' for every protected value that differs."""
-    from difftool.recipe import differences, flatten
+    from difftool.recipe import REQUIRED, SCHEMA, differences, flatten
 
     def protected(data: dict) -> dict:  # no [[adapters]] at all is written as none: leave both out
         return flatten({section: data[section] for section in PROTECTED if data.get(section) not in (None, [])})
 
-    return differences(protected(saved), protected(current))
+    # a checkpoint written before a key existed has the key's default: not a change
+    defaults = {f"{section}.{key}": spec[1] for section in PROTECTED for key, spec in SCHEMA.get(section, {}).items()
+                if spec[1] is not REQUIRED and spec[1] is not None}
+    old = protected(saved)
+    old.update({key: value for key, value in defaults.items() if key not in old and key.split(".")[0] in saved})
+    return differences(old, protected(current))
 
 
 def check_unchanged(path: Path, recipe, force: bool) -> None:

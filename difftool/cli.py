@@ -76,21 +76,28 @@ def run(
 @app.command()
 def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML recipe."),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
-    """Validate a recipe and build its components (all but the dataset), without training."""
+    """Validate a recipe and build its components (all but the dataset, which is read only for a
+    class-conditional run's classes), without training."""
     from difftool import build
     from difftool import recipe as recipes
     from difftool.adapters import check_fusable
     from difftool.evaluation import check_recipe as check_evaluation
 
     loaded = recipes.load(recipe, set_)
-    model = build.model(loaded)
+    classes = None
+    if loaded["dataset"]["label_column"] is not None:
+        classes = build.class_names(loaded, build.rows(loaded, loaded.kwargs("dataset")))
+    model = build.model(loaded, num_classes=None if classes is None else len(classes))
     applied = build.adapters(loaded, model)
     if loaded["run"]["fuse_adapters"]:
         check_fusable(applied, loaded)
-    build.sampling_scheduler(loaded, build.noise_scheduler(loaded, model))
+    noise_scheduler = build.noise_scheduler(loaded, model)
+    objective = build.objective(loaded, noise_scheduler)
+    sampler = build.sampling_scheduler(loaded, noise_scheduler)
     build.lr_schedule(loaded, build.optimizer(loaded, model), num_training_steps=1)
-    for section in ("loss_weighting", "timestep_sampler"):
-        build.component(loaded, section)
+    build.check_objective(loaded, objective, {"noise_scheduler": noise_scheduler, "sampling": sampler},
+                          build.component(loaded, "timestep_sampler"), build.component(loaded, "loss_weighting"))
+    build.check_guidance(loaded, build.is_latent(model), classes)
     build.ema(loaded, model)
     build.check_memory(loaded, model)
     check_evaluation(loaded, model, build.is_latent(model))
@@ -194,7 +201,8 @@ def sample(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     prompt: Optional[str] = typer.Option(None, help="Text-to-image runs: the prompt (default: the run's [sampling] prompts)."),
     negative_prompt: Optional[str] = typer.Option(None, help="Text-to-image runs: what to guide away from."),
-    guidance_scale: Optional[float] = typer.Option(None, min=0.0, callback=finite, help="Classifier-free guidance scale (default: the run's, 7.5)."),
+    guidance_scale: Optional[float] = typer.Option(None, min=0.0, callback=finite, help="Classifier-free guidance scale (default: the run's; else 7.5 for text-to-image, 4 for classes)."),
+    classes: list[str] = typer.Option([], "--class", help="Class-conditional runs: a class to draw, by name (repeatable; default: the run's [sampling] classes, else all), one row each."),
     image: Optional[Path] = typer.Option(None, help="Inpaint this image (with --mask)."),
     mask: Optional[Path] = typer.Option(None, help="Mask for --image: white is repainted, black kept."),
     strength: float = typer.Option(1.0, min=0.0, max=1.0, callback=finite, help="Inpainting: how far to noise the masked area (1 = fully)."),
@@ -202,10 +210,11 @@ def sample(
     denoising_end: float = typer.Option(0.8, min=0.0, max=1.0, callback=finite, help="SDXL with --refiner: fraction of the steps the base does."),
 ) -> None:
     """Generate a grid of images from a finished run with any registered scheduler; text-to-image
-    runs take a prompt and guidance, and inpaint with --image and --mask."""
+    runs take a prompt and guidance, and inpaint with --image and --mask; class-conditional runs
+    take --class and guidance."""
     from difftool.sampling import Prompting, sample_run
 
-    prompting = Prompting(prompt, negative_prompt, guidance_scale, image, mask, strength, refiner, denoising_end)
+    prompting = Prompting(prompt, negative_prompt, guidance_scale, image, mask, strength, refiner, denoising_end, classes)
     path = sample_run(run_dir, scheduler, steps, num_images, seed, out, overwrite, prompting)
     console.print(f"[green]wrote[/] {path}")
 

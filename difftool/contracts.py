@@ -66,9 +66,12 @@ CONTRACTS: dict[str, tuple[str, Callable[[Any], str | None]]] = {
                    attributes("step", "zero_grad", "state_dict", "load_state_dict", "param_groups")),
     "attention_processors": ("an attention processor (a callable that Attention.set_processor takes)", callable_),
     "adapters": ("a difftool.adapters.Adapter", adapter),
-    "loss_weightings": ("a callable (timesteps, noise_scheduler, prediction_type) -> weights, or None",
+    "loss_weightings": ("a callable (times, objective) -> weights, or None",
                         optional_callable),
     "timestep_samplers": ("a callable (batch_size, num_train_timesteps, device) -> timesteps", callable_),
+    "objectives": ("a difftool.objective.Objective (with noisy, target, snr, model_time, times and compute_loss)",
+                   attributes("noisy", "target", "snr", "model_time", "times", "fixed_times", "add_noise",
+                              "compute_loss", "check_scheduler", "continuous", "prediction_type")),
     "metrics": ("a metric (with update_reference, reference_state, load_reference_state, update, compute "
                 "and reset; see difftool.metrics.Metric)",
                 attributes("update_reference", "reference_state", "load_reference_state", "update", "compute", "reset")),

@@ -1,4 +1,5 @@
-"""The tutorial's preprocessing (resize, random horizontal flip, scale to [-1, 1]) on PIL + torch.
+"""The tutorial's preprocessing (resize, random horizontal flip, scale to [-1, 1]) on PIL + torch,
+and the class labels of class-conditional training.
 
 Everything random happens in the training process, from torch's checkpointed RNG or from
 (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
@@ -7,6 +8,8 @@ Everything random happens in the training process, from torch's checkpointed RNG
 from __future__ import annotations
 
 import io
+import numbers
+import sys
 
 import numpy as np
 import torch
@@ -24,12 +27,20 @@ class ImageDataset(torch.utils.data.Dataset):
     With `cache`, each image is decoded and resized once and kept as uint8 (4 bytes less per
     value than float); later epochs read it from memory. With `shared`, the cache lives in
     shared memory, so DataLoader workers fill and read one cache between them.
+
+    With `labels` = {"column": str, "names": list[str]} (see `class_names`), also
+    {"labels": int}: the index in `names` of the row's value in that column (a class name, or
+    already a class index, as a ClassLabel column holds); any other value is a `BadLabel`.
     """
 
     def __init__(self, rows, image_size: int, cache: bool = True, shared: bool = False,
-                 center_crop: bool = False, caption_column: str | None = None):
+                 center_crop: bool = False, caption_column: str | None = None, labels: dict | None = None):
         self.rows = undecoded(rows)
         self.image_size, self.center_crop, self.caption_column = image_size, center_crop, caption_column
+        self.label_column = self.label_names = self.label_index = None
+        if labels is not None:
+            self.label_column, self.label_names = labels["column"], list(labels["names"])
+            self.label_index = {name: index for index, name in enumerate(self.label_names)}
         self.cache = self.filled = None
         if cache:
             self.cache = torch.zeros(len(rows), 3, image_size, image_size, dtype=torch.uint8)
@@ -52,7 +63,102 @@ class ImageDataset(torch.utils.data.Dataset):
         item = {"images": pixels.float() / 127.5 - 1.0}
         if self.caption_column is not None:
             item["captions"] = self.rows[index][self.caption_column] or ""
+        if self.label_column is not None:
+            item["labels"] = self.label(index)
         return item
+
+    def label(self, index: int) -> int:
+        """The class index of row `index`'s label."""
+        value = self.rows[index][self.label_column]
+        if isinstance(value, str):
+            found = self.label_index.get(value)
+        elif _is_int(value) and 0 <= value < len(self.label_names):
+            found = int(value)
+        else:
+            found = None
+        if found is None:
+            names = self.label_names
+            shown = ", ".join(map(repr, names[:10])) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+            raise BadLabel(
+                f"[dataset] row {_row_number(self.rows, index)} has {self.label_column} = {value!r}, which is not "
+                f"one of the classes [{shown}]; give it one of these names, or a class index from 0 to "
+                f"{len(names) - 1} (every split must use the classes of the training rows)"
+            )
+        return found
+
+
+def class_names(rows, column: str, where: str) -> list[str]:
+    """The class names of the label column `column` of dataset `rows` (a datasets.Dataset, a
+    sequence of dict rows, or a torch Subset of either, whose whole dataset is read, so that
+    training and held-out rows share one list): a ClassLabel feature's names; else, of the
+    column's values, the sorted strings, or for integers >= 0, "0" to str(the largest).
+    Anything else, a missing column or fewer than 2 classes is a DifftoolError naming `where`."""
+    while isinstance(rows, torch.utils.data.Subset):
+        rows = rows.dataset
+    datasets = sys.modules.get("datasets")  # loaded already if `rows` is a datasets.Dataset
+    if datasets is not None and isinstance(rows, datasets.Dataset):
+        if column not in rows.column_names:
+            raise _no_label_column(column, where, rows.column_names)
+        feature = rows.features[column]
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+        elif isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint", "string", "large_string")):
+            names = _names_of(rows.unique(column), column, where)  # one pass over the column, no images decoded
+        else:
+            raise DifftoolError(f"{where} label_column = '{column}' holds {feature}, not class labels; labels "
+                                "are class names (strings) or class indices (integers >= 0)")
+    else:
+        values = []
+        for index in range(len(rows)):
+            row = rows[index]
+            if column not in row:
+                raise _no_label_column(column, where, list(row), "" if index == 0 else f" (row {index})")
+            values.append(row[column])
+        names = _names_of(values, column, where)
+    if len(names) < 2:
+        raise DifftoolError(
+            f"{where} class-conditional training needs at least 2 classes; label_column = '{column}' has "
+            f"{len(names)} ({names}); add images of another class (an imagefolder: one subfolder per class), "
+            "or leave label_column out to train without labels"
+        )
+    return names
+
+
+def _names_of(values, column: str, where: str) -> list[str]:
+    """Class names from a label column's values: sorted unique strings, or "0".."max" for ints >= 0."""
+    values = list(values)
+    if values and all(isinstance(value, str) for value in values):
+        return sorted(set(values))
+    if values and all(_is_int(value) and value >= 0 for value in values):
+        return [str(index) for index in range(int(max(values)) + 1)]
+    odd = [value for value in values if not isinstance(value, str) and not (_is_int(value) and value >= 0)]
+    if odd:
+        found = f"{odd[0]!r} ({type(odd[0]).__name__})"
+    else:
+        found = "both strings and integers" if values else "no values"
+    raise DifftoolError(
+        f"{where} label_column = '{column}' holds {found}; labels must be all class names (strings) "
+        "or all class indices (integers >= 0)"
+    )
+
+
+def _no_label_column(column: str, where: str, columns, row: str = "") -> DifftoolError:
+    return DifftoolError(
+        f"{where} label_column = '{column}': the rows{row} have no such column (they have {list(columns)}); "
+        "set label_column to one of them; an imagefolder gets a `label` column from class subfolders "
+        "(path/CLASS/image.png); synthetic-butterflies gives one with labels = true"
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _row_number(rows, index: int) -> int:
+    """The index in the whole dataset of row `index` of `rows`, through any Subsets."""
+    while isinstance(rows, torch.utils.data.Subset):
+        rows, index = rows.dataset, rows.indices[index]
+    return int(index)
 
 
 def decode(value, size: int, center_crop: bool = False) -> torch.Tensor:
@@ -95,8 +201,8 @@ def _name(value) -> str:
     return getattr(value, "filename", "") or "an image of the dataset (in memory)"
 
 
-class UnreadableImage(DifftoolError):
-    """A dataset image that cannot be decoded.
+class DataError(DifftoolError):
+    """A problem found while a DataLoader worker reads a row.
 
     A DataLoader worker's exception comes back to the training process rebuilt from one string,
     "Caught ... Original Traceback ...\n<type>: <message>"; this keeps the message alone."""
@@ -105,6 +211,14 @@ class UnreadableImage(DifftoolError):
         if message.startswith("Caught ") and "Original Traceback" in message:
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
+
+
+class UnreadableImage(DataError):
+    """A dataset image that cannot be decoded."""
+
+
+class BadLabel(DataError):
+    """A row whose label is not one of the classes."""
 
 
 def undecoded(rows):

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from difftool import __version__, adapters, build, checkpoints, evaluation, files, lock, objective, plugins
+from difftool import __version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins
 from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
 from difftool.recipe import Recipe, dump
@@ -46,6 +46,7 @@ class Parts:
     """The recipe's built components that the loop uses besides those in TrainState."""
 
     noise_scheduler: object
+    objective: object  # the difftool.objective.Objective: forward process, target, model time
     sampler: object
     loss_weighting: object
     timestep_sampler: object
@@ -56,6 +57,7 @@ class Parts:
     latent: object = None  # the LatentDiffusion model, for text-to-image; else None
     latent_cache: object = None  # its LatentCache, when [dataset] cache is on
     evaluation: object = None  # difftool.evaluation.InTraining when [evaluation] every_n_steps is set
+    classes: list | None = None  # the class names of a class-conditional run, else None
     saved_step: int | None = None  # the step of the newest checkpoint saved (or resumed from)
     done: bool = False  # the last epoch's saves are done
 
@@ -120,30 +122,40 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
     """Build every component of the recipe and the run's state, ready to train or resume."""
     run = recipe["run"]
     set_seed(run["seed"])
-    model = build.model(recipe)
+    train_rows, validation_rows = build.datasets(recipe)  # first: a class-conditional model needs its classes
+    classes = build.class_names(recipe, train_rows)
+    model = build.model(recipe, num_classes=None if classes is None else len(classes))
     latent = model if build.is_latent(model) else None
     captions = latent is not None
+    if captions:
+        build.check_captions(recipe, train_rows)
     applied = build.adapters(recipe, model)
     if run["fuse_adapters"]:
         adapters.check_fusable(applied, recipe)
     noise_scheduler = build.noise_scheduler(recipe, model)
-    train_rows, validation_rows = build.datasets(recipe, captions)
+    trained = build.objective(recipe, noise_scheduler)  # before the sampling scheduler inherits its config
     parts = Parts(
         noise_scheduler=noise_scheduler,
+        objective=trained,
         sampler=build.sampling_scheduler(recipe, noise_scheduler),
         loss_weighting=build.component(recipe, "loss_weighting"),
         timestep_sampler=build.component(recipe, "timestep_sampler"),
-        loader=accelerator.prepare(build.dataloader(recipe, train_rows, captions=captions)),
+        loader=accelerator.prepare(build.dataloader(recipe, train_rows, captions=captions, classes=classes)),
         validation=None if validation_rows is None else build.dataloader(
-            recipe, validation_rows, shuffle=False, captions=captions),
+            recipe, validation_rows, shuffle=False, captions=captions, classes=classes),
         adapters=applied,
         recipe_text=dump(recipe, provenance(recipe)),
         latent=latent,
+        classes=classes,
     )
+    build.check_objective(recipe, trained, {"noise_scheduler": noise_scheduler, "sampling": parts.sampler},
+                          parts.timestep_sampler, parts.loss_weighting)
+    build.check_guidance(recipe, latent is not None, classes)
     if latent is not None:
         latent.cast_frozen(WEIGHT_DTYPES[accelerator.mixed_precision])
         parts.latent_cache = build.latent_cache(recipe, latent)
-    parts.evaluation = evaluation.in_training(recipe, accelerator.device, latent is not None, noise_scheduler, parts.sampler)
+    parts.evaluation = evaluation.in_training(recipe, accelerator.device, latent is not None, noise_scheduler, parts.sampler,
+                                              classes)
     optimizer = build.optimizer(recipe, model)
     plan = make_plan(recipe, len(parts.loader))
     lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
@@ -275,7 +287,10 @@ def model_inputs(state: TrainState, parts: Parts, batch: dict, training: bool = 
     images = random_flip(batch["images"]) if training and table["random_flip"] else batch["images"]
     latent = parts.latent
     if latent is None:
-        return images, {}
+        labels = batch.get("labels")
+        if labels is not None and training:
+            labels = conditioning.dropped(labels, table["label_dropout"], len(parts.classes))
+        return images, conditioning.model_labels(build.denoiser(state.model), labels, images.shape[0], images.device)
     if parts.latent_cache is not None:
         parameters = parts.latent_cache.encode(images, latent.encode_images)
     else:
@@ -292,13 +307,12 @@ def train_step(state: TrainState, parts: Parts, batch: dict) -> bool:
     accelerator, model, run = state.accelerator, state.model, state.recipe["run"]
     settings = state.recipe["objective"]
     state.batches_done += 1
-    clean, conditioning = model_inputs(state, parts, batch)
-    scheduler = parts.noise_scheduler
-    timesteps = parts.timestep_sampler(clean.shape[0], scheduler.config.num_train_timesteps, clean.device)
-    noise, noisy = objective.add_noise(scheduler, clean, timesteps, settings["noise_offset"])
+    clean, keywords = model_inputs(state, parts, batch)
+    trained = parts.objective
+    times = trained.times(parts.timestep_sampler, clean.shape[0], clean.device)
+    noise, noisy = trained.add_noise(clean, times, settings["noise_offset"])
     with accelerator.accumulate(model):
-        loss = objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings,
-                                      parts.loss_weighting, conditioning)
+        loss = trained.compute_loss(model, clean, noise, noisy, times, settings, parts.loss_weighting, keywords)
         value = loss.detach().item()  # the one device sync of the step
         if finite_everywhere(accelerator, value):
             accelerator.backward(loss)
@@ -391,18 +405,18 @@ def validate(state: TrainState, parts: Parts) -> None:
     accelerator, settings = state.accelerator, state.recipe["objective"]
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(state.model)
-        scheduler = parts.noise_scheduler
+        trained = parts.objective
         model.eval()
         losses = []
         with torch.no_grad(), accelerator.autocast():
             for index, batch in zip(range(state.recipe["validation"]["num_batches"]), parts.validation):
                 batch = {**batch, "images": batch["images"].to(accelerator.device)}
                 generator = torch.Generator().manual_seed(index)
-                clean, conditioning = model_inputs(state, parts, batch, training=False, generator=generator)
-                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(clean.device)
-                noise, noisy = objective.add_noise(scheduler, clean, timesteps, generator=generator)
-                losses.append(objective.compute_loss(model, scheduler, clean, noise, noisy, timesteps, settings,
-                                                     conditioning=conditioning).item())
+                clean, keywords = model_inputs(state, parts, batch, training=False, generator=generator)
+                times = trained.fixed_times(clean.shape[0], generator).to(clean.device)
+                noise, noisy = trained.add_noise(clean, times, generator=generator)
+                losses.append(trained.compute_loss(model, clean, noise, noisy, times, settings,
+                                                   conditioning=keywords).item())
         model.train()
         state.val_loss = sum(losses) / len(losses)
         accelerator.log({"val_loss": state.val_loss}, step=state.global_step)
@@ -471,7 +485,7 @@ def save_samples(state: TrainState, parts: Parts, model, name: str) -> None:
     """Sample with the output weights into samples/`name` and the tracker; calls on_samples."""
     with weights_for_output(state, model):
         images = sample_images(state, parts, model)
-    picture = grid(images)
+    picture = grid(images, rows=len(sampled_classes(state, parts)) if parts.classes is not None else None)
     files.save_image(picture, state.output_dir / "samples" / name, "the sample grid")
     if state.recipe["run"]["log_with"] == "tensorboard":
         import numpy as np
@@ -489,6 +503,8 @@ def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
     the diffusers pipeline's `load_lora_weights(folder)` loads. The run's recipe.toml goes with
     them, so that the recipe beside a model is always the one that made it."""
     (folder / files.RECIPE).write_text(parts.recipe_text)
+    if parts.classes is not None:
+        conditioning.write_names(folder, parts.classes)
     unet = build.denoiser(model)
     if state.ema is not None and not parts.adapters:
         unet.save_pretrained(folder / "unet_raw")
@@ -517,8 +533,9 @@ def weights_for_output(state: TrainState, model):
 
 
 def sample_images(state: TrainState, parts: Parts, model) -> list:
-    """The [sampling] images from the current weights: unconditional, or of the [sampling]
-    prompts with classifier-free guidance for a latent model."""
+    """The [sampling] images from the current weights: unconditional; of the [sampling] classes
+    (all by default), one row each, with classifier-free guidance for a class-conditional model;
+    or of the [sampling] prompts with classifier-free guidance for a latent model."""
     sampling, run = state.recipe["sampling"], state.recipe["run"]
     unet = build.denoiser(model)
     unet.eval()
@@ -531,11 +548,25 @@ def sample_images(state: TrainState, parts: Parts, model) -> list:
     )
     if parts.latent is not None:
         images = text_to_image(parts.latent.pipeline(scheduler=parts.sampler), sampling["prompts"] or [""],
-                               sampling["negative_prompt"], sampling["guidance_scale"], **settings)
+                               sampling["negative_prompt"], conditioning.guidance(sampling["guidance_scale"], True),
+                               **settings)
+    elif parts.classes is not None:
+        labels = sampled_classes(state, parts)
+        per_class = max(1, settings.pop("num_images") // len(labels))
+        images = generate(unet, parts.sampler, num_images=per_class * len(labels), device=state.accelerator.device,
+                          labels=torch.tensor(conditioning.rows_of(labels, per_class)),
+                          guidance_scale=conditioning.guidance(sampling["guidance_scale"], False,
+                                                               bool(state.recipe["dataset"]["label_dropout"])),
+                          null_label=len(parts.classes), **settings)
     else:
         images = generate(unet, parts.sampler, device=state.accelerator.device, **settings)
     unet.train()
     return images
+
+
+def sampled_classes(state: TrainState, parts: Parts) -> list[int]:
+    """The labels of the [sampling] classes (every class when it names none)."""
+    return conditioning.indices(parts.classes, state.recipe["sampling"]["classes"], state.recipe.where("sampling"))
 
 
 def provenance(recipe: Recipe) -> dict:

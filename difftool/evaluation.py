@@ -212,6 +212,7 @@ class Generation:
     prompts: list[str] = field(default_factory=list)  # text-to-image: cycled through
     negative_prompt: str = ""
     guidance_scale: float = 7.5
+    num_classes: int | None = None  # class-conditional: sample i is of class i % num_classes
 
     def share(self, process_index: int, num_processes: int) -> list[tuple[int, int]]:
         """(first sample, count) of each batch of one process's share; every process gets the
@@ -227,6 +228,8 @@ def generated_batches(unet, scheduler, generation: Generation, device, latent=No
     indices). A batch's seed is `seed + its first sample's index`."""
     import contextlib
 
+    import torch
+
     from difftool.sampling import generate, text_to_image
 
     autocast = autocast or contextlib.nullcontext
@@ -234,7 +237,11 @@ def generated_batches(unet, scheduler, generation: Generation, device, latent=No
         seed = generation.seed + first
         indices = list(range(first, first + count))
         prompts = [generation.prompts[i % len(generation.prompts)] if generation.prompts else "" for i in indices]
-        if latent is None:
+        if latent is None and generation.num_classes:
+            images = generate(unet, scheduler, count, generation.num_inference_steps, seed, generation.image_size,
+                              device, autocast, labels=torch.tensor([i % generation.num_classes for i in indices]),
+                              guidance_scale=generation.guidance_scale, null_label=generation.num_classes)
+        elif latent is None:
             images = generate(unet, scheduler, count, generation.num_inference_steps, seed, generation.image_size,
                               device, autocast)
         else:
@@ -289,8 +296,12 @@ class InTraining:
 
 
 def generation_settings(recipe, scheduler, num_samples: int | None = None, steps: int | None = None,
-                        seed: int | None = None, batch_size: int | None = None) -> Generation:
-    """What to generate, from the recipe's [evaluation] (then [sampling]) unless given."""
+                        seed: int | None = None, batch_size: int | None = None, text_to_image: bool = False,
+                        num_classes: int | None = None) -> Generation:
+    """What to generate, from the recipe's [evaluation] (then [sampling]) unless given; of a
+    class-conditional model, every class in turn."""
+    from difftool.conditioning import guidance
+
     table, sampling = recipe["evaluation"], recipe["sampling"]
     return Generation(
         num_samples=num_samples or table["num_samples"],
@@ -301,7 +312,8 @@ def generation_settings(recipe, scheduler, num_samples: int | None = None, steps
         image_size=recipe["dataset"]["image_size"],
         prompts=list(sampling["prompts"]),
         negative_prompt=sampling["negative_prompt"],
-        guidance_scale=sampling["guidance_scale"],
+        guidance_scale=guidance(sampling["guidance_scale"], text_to_image, bool(recipe["dataset"]["label_dropout"])),
+        num_classes=num_classes,
     )
 
 
@@ -326,7 +338,8 @@ def reference_for(recipe, metrics: dict, folder: str | Path | None, image_size: 
     return dataset_reference(recipe, image_size)
 
 
-def in_training(recipe, device, text_to_image: bool, training_scheduler, sampler) -> InTraining | None:
+def in_training(recipe, device, text_to_image: bool, training_scheduler, sampler,
+                classes: list[str] | None = None) -> InTraining | None:
     """The run's evaluation when [evaluation] every_n_steps is set, checked before training."""
     table = recipe["evaluation"]
     if not table["every_n_steps"]:
@@ -337,7 +350,8 @@ def in_training(recipe, device, text_to_image: bool, training_scheduler, sampler
     evaluator = Evaluator(metrics, kwargs, reference_for(recipe, metrics, None, image_size), image_size)
     evaluator.check_counts(table["num_samples"], recipe.where("evaluation"))
     scheduler = evaluation_scheduler(recipe, training_scheduler, sampler)
-    return InTraining(evaluator, scheduler, generation_settings(recipe, scheduler))
+    return InTraining(evaluator, scheduler, generation_settings(
+        recipe, scheduler, text_to_image=text_to_image, num_classes=None if classes is None else len(classes)))
 
 
 def check_recipe(recipe, built_model, text_to_image: bool) -> None:
@@ -374,6 +388,7 @@ def evaluate_run(run_dir: Path, asked: Asked, report=None) -> tuple[dict[str, fl
     from accelerate import PartialState
 
     from difftool import recipe as recipes
+    from difftool.conditioning import read_names
     from difftool.plugins import registry
     from difftool.sampling import load_run, sampling_scheduler, saved_recipe
 
@@ -392,7 +407,9 @@ def evaluate_run(run_dir: Path, asked: Asked, report=None) -> tuple[dict[str, fl
     # the run's own [sampling] settings (thresholding, ...) go with its own sampling scheduler
     overrides = recipe.kwargs("sampling") if name == recipe["sampling"]["scheduler"] else {}
     scheduler = sampling_scheduler(entry, dict(training_scheduler.config), overrides, f"--scheduler {name}")
-    generation = generation_settings(recipe, scheduler, asked.num_samples, asked.steps, asked.seed, asked.batch_size)
+    classes = read_names(run_dir)
+    generation = generation_settings(recipe, scheduler, asked.num_samples, asked.steps, asked.seed, asked.batch_size,
+                                     latent is not None, None if classes is None else len(classes))
     image_size = generation.image_size
     reference = reference_for(recipe, metrics, asked.reference, image_size)
     evaluator = Evaluator(metrics, kwargs, reference, image_size)

@@ -17,7 +17,14 @@ hookimpl = pluggy.HookimplMarker("difftool")
 
 @hookspec
 def register_models(register):
-    """Register models. Factory context: none. Returns a diffusers model (`nn.Module`)."""
+    """Register models. Factory context: `image_size` (the recipe's [dataset] image_size) and
+    `num_classes` (the classes of a class-conditional run, None for an unconditional one).
+
+    Returns a diffusers model (`nn.Module`) called as `model(sample, timestep, return_dict=False,
+    **conditioning)`; a class-conditional one takes `class_labels` (int64, one per sample, where
+    `num_classes` is the null class of classifier-free guidance). Optional attribute:
+    `size_multiple` (an int image sizes must be divisible by; default 1).
+    """
 
 
 @hookspec
@@ -65,17 +72,32 @@ def register_adapters(register):
 
 
 @hookspec
+def register_objectives(register):
+    """Register training objectives. Factory context: `noise_scheduler`, `image_size`.
+
+    Returns a `difftool.objective.Objective`: the forward process (how clean data and noise
+    mix at a time value), the training target, the time value the model is given, and whether
+    times are integer indices or a continuous t in [0, 1]. The factory (or the class it is) may
+    carry a `scheduler` attribute: the noise scheduler a recipe gets when it names none.
+    """
+
+
+@hookspec
 def register_loss_weightings(register):
     """Register loss weightings. Factory context: none. Returns a callable
-    `(timesteps, noise_scheduler, prediction_type) -> weights` giving one weight per sample
-    (a tensor of shape (batch,)), or None for equal weights."""
+    `(times, objective) -> weights` giving one weight per sample (a tensor of shape (batch,)),
+    or None for equal weights. `objective` offers `snr(times)`, `prediction_type` and
+    `num_train_timesteps`; a weighting that does not fit an objective raises DifftoolError
+    saying so (difftool calls it once before training, so the message comes at once)."""
 
 
 @hookspec
 def register_timestep_samplers(register):
     """Register timestep samplers. Factory context: none. Returns a callable
-    `(batch_size, num_train_timesteps, device) -> timesteps` (an int64 tensor drawn with
-    torch's global RNG, so resumed runs draw the same ones)."""
+    `(batch_size, num_train_timesteps, device) -> times`, drawn with torch's global RNG (so
+    resumed runs draw the same ones): int64 indices in [0, num_train_timesteps), or, when
+    num_train_timesteps is None (a continuous objective such as flow matching), float t in
+    [0, 1]."""
 
 
 @hookspec

@@ -27,9 +27,10 @@ def available() -> tuple[int, str] | None:
 
 
 def convolution_bytes(model, batch_size: int, image_size: int, channels: int) -> float | None:
-    """The bytes of every convolution output in one forward pass of `model` (sample, timestep)
-    over a float32 batch, counted on the meta device; infinite where a tensor of the pass would
-    have more elements than 64 bits count; None if the model cannot run there."""
+    """The bytes of every convolution output in one forward pass of `model` (sample, timestep),
+    or (sample, timestep, class_labels=zeros) where it needs labels, over a float32 batch, counted
+    on the meta device; infinite where a tensor of the pass would have more elements than 64 bits
+    count; None if the model cannot run there."""
     import torch
     from torch.func import functional_call
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,16 +48,20 @@ def convolution_bytes(model, batch_size: int, image_size: int, channels: int) ->
             for name, value in [*model.named_parameters(), *model.named_buffers()]}
     sample = torch.empty(batch_size, channels, image_size, image_size, device="meta")
     timesteps = torch.zeros(batch_size, dtype=torch.long, device="meta")
-    try:
-        with Convolutions():
-            functional_call(model, meta, (sample, timesteps))
-    except RuntimeError as exc:
-        if "overflow" in str(exc):  # "Storage size calculation overflowed"
-            return float("inf")
-        return None  # an operation the meta device lacks
-    except Exception:  # a model that needs other inputs
-        return None
-    return Convolutions.total
+    labels = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    for extra in ({}, {"class_labels": labels}):  # a class-conditional model (a DiT always is) needs labels
+        Convolutions.total = 0
+        try:
+            with Convolutions():
+                functional_call(model, meta, (sample, timesteps), extra)
+        except RuntimeError as exc:
+            if "overflow" in str(exc):  # "Storage size calculation overflowed"
+                return float("inf")
+        except Exception:  # an operation the meta device lacks, or a model that needs other inputs
+            pass
+        else:
+            return Convolutions.total
+    return None
 
 
 def too_big(model, batch_size: int, image_size: int, channels: int) -> str | None:

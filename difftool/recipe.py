@@ -55,6 +55,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "caption_column": (str, "text", None),
         "caption_dropout": (float, 0.0, FRACTION),
         "latent_cache_dir": (str, None, None),
+        "label_column": (str, None, None),
+        "label_dropout": (float, 0.0, FRACTION),
     },
     "model": {"name": (str, "unet2d", None)},
     "noise_scheduler": {"name": (str, "ddpm", None)},
@@ -67,10 +69,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "seed": (int, None, SEED),
         "prompts": (list, [], STRINGS),
         "negative_prompt": (str, "", None),
-        "guidance_scale": (float, 7.5, NON_NEGATIVE),
+        "guidance_scale": (float, None, NON_NEGATIVE),  # 7.5 for text-to-image, 4.0 for classes
+        "classes": (list, [], STRINGS),
         "every_n_steps": (int, None, POSITIVE),
     },
     "objective": {
+        "name": (str, "ddpm", None),
         "loss": (str, "mse", ("mse", "l1", "huber")),
         "huber_delta": (float, 1.0, NON_NEGATIVE),
         "noise_offset": (float, 0.0, NON_NEGATIVE),
@@ -117,6 +121,7 @@ COMPONENTS = {
     "sampling": ("schedulers", "scheduler"),
     "loss_weighting": ("loss_weightings", "name"),
     "timestep_sampler": ("timestep_samplers", "name"),
+    "objective": ("objectives", "name"),
     "attention": ("attention_processors", "processor"),
     "adapters": ("adapters", "name"),
 }
@@ -289,6 +294,7 @@ def validate(data: dict[str, Any], path: str) -> Recipe:
             filled[section] = [fill_section(f"adapters.{i}", t, problems) for i, t in enumerate(adapters)]
         elif section not in OPTIONAL_SECTIONS or section in data:
             filled[section] = fill_section(section, data.get(section, {}), problems)
+    default_scheduler(data, filled)
     sampling = filled["sampling"]
     if sampling.get("scheduler") is None:
         sampling["scheduler"] = filled["noise_scheduler"].get("name")
@@ -307,10 +313,43 @@ def validate(data: dict[str, Any], path: str) -> Recipe:
     problems += check_param_groups(recipe)
     problems += check_learning_rates(recipe)
     problems += check_evaluation(recipe)
+    problems += check_labels(recipe)
     if problems:
         head = f"{path}: " + ("" if len(problems) == 1 else f"{len(problems)} problems:\n  - ")
         raise DifftoolError(head + "\n  - ".join(problems))
     return recipe
+
+
+def default_scheduler(data: dict[str, Any], filled: dict[str, Any]) -> None:
+    """A [noise_scheduler] that names none gets the objective's (flow-euler for flow matching):
+    the objective's factory may carry it as its `scheduler` attribute."""
+    from difftool.plugins import registry
+
+    given = data.get("noise_scheduler")
+    objective = filled["objective"].get("name")
+    if isinstance(given, dict) and "name" in given or not isinstance(objective, str) or objective == "ddpm":
+        return
+    try:
+        factory = registry("objectives").get(objective).load()
+    except DifftoolError:
+        return  # reported with the other components
+    filled["noise_scheduler"]["name"] = getattr(factory, "scheduler", None) or SCHEMA["noise_scheduler"]["name"][1]
+
+
+def check_labels(recipe: Recipe) -> list[str]:
+    """Class labels: dropout and [sampling] classes need [dataset] label_column."""
+    dataset, sampling = recipe["dataset"], recipe["sampling"]
+    if dataset.get("label_column") is not None:
+        return []
+    problems = []
+    if dataset.get("label_dropout"):
+        problems.append(f"[dataset] label_dropout = {dataset['label_dropout']} drops class labels, and the run has "
+                        "none; set label_column to the dataset's label column (an imagefolder's class subfolders "
+                        "give `label`), or remove label_dropout")
+    if sampling.get("classes"):
+        problems.append(f"[sampling] classes = {sampling['classes']!r} names classes of a class-conditional model, "
+                        "and this run is unconditional; set [dataset] label_column, or remove classes")
+    return problems
 
 
 def check_evaluation(recipe: Recipe) -> list[str]:

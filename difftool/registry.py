@@ -15,7 +15,7 @@ BUILTIN_PLUGIN = "difftool"
 
 # kind -> (singular noun for messages, context arguments the engine passes to factories)
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "models": ("model", ()),
+    "models": ("model", ("image_size", "num_classes")),
     "schedulers": ("scheduler", ()),
     "datasets": ("dataset", ()),
     "lr_schedules": ("LR schedule", ("optimizer", "num_training_steps")),
@@ -25,6 +25,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "loss_weightings": ("loss weighting", ()),
     "timestep_samplers": ("timestep sampler", ()),
     "metrics": ("metric", ("device",)),
+    "objectives": ("objective", ("noise_scheduler", "image_size")),
 }
 
 

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,33 @@ def sampling_scheduler(entry: Entry, training_config: dict[str, Any], overrides:
 
 
 def generate(unet, scheduler, num_images: int, num_inference_steps: int, seed: int,
-             image_size: int, device, autocast=contextlib.nullcontext) -> list:
-    """`num_images` PIL images from seeded noise, denoised in one batch."""
+             image_size: int, device, autocast=contextlib.nullcontext, labels=None, guidance_scale: float = 1.0,
+             null_label: int | None = None) -> list:
+    """`num_images` PIL images from seeded noise, denoised in one batch; of a class-conditional
+    model, of `labels` (an int64 tensor, one per image) with classifier-free guidance at
+    `guidance_scale` away from the `null_label` class (the model's number of classes)."""
     import torch
     from diffusers.utils import numpy_to_pil
 
+    from difftool.conditioning import guided, model_labels
+
     generator = torch.Generator().manual_seed(seed)
     shape = (num_images, unet.config.in_channels, image_size, image_size)
-    sample = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    # flow-match schedulers start from unit noise and take the sample as it is
+    sample = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     scheduler.set_timesteps(num_inference_steps, device=device)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
+    extra = {} if labels is not None else model_labels(unet, None, num_images, device)
     with torch.no_grad():
         for t in scheduler.timesteps:
+            timesteps = t.expand(num_images)  # one per sample, as transformers (DiT) need
             with autocast():
-                prediction = unet(scheduler.scale_model_input(sample, t), t).sample
+                if labels is None:
+                    prediction = unet(scale(sample, t), timesteps, **extra).sample
+                else:
+                    prediction = guided(unet, scale(sample, t), timesteps, labels.to(device), guidance_scale,
+                                        null_label)
             sample = scheduler.step(prediction.float(), t, sample, **step_kwargs).prev_sample
     pixels = (sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return numpy_to_pil(pixels)
@@ -55,10 +68,12 @@ def text_to_image(pipeline, prompts: list[str], negative_prompt: str, guidance_s
                         generator=torch.Generator().manual_seed(seed)).images
 
 
-def grid(images: list):
-    """The images in one PIL image, as close to square as their count allows."""
+def grid(images: list, rows: int | None = None):
+    """The images in one PIL image: in `rows` rows, else as close to square as their count allows."""
     from diffusers.utils import make_image_grid
 
+    if rows:
+        return make_image_grid(images, rows=rows, cols=len(images) // rows)
     rows = math.isqrt(len(images))
     while len(images) % rows:
         rows -= 1
@@ -77,20 +92,24 @@ class Prompting:
     strength: float = 1.0
     refiner: Path | None = None  # an SDXL refiner folder that finishes the base's denoising
     denoising_end: float = 0.8  # the fraction of denoising the base does before the refiner
+    classes: list[str] = field(default_factory=list)  # a class-conditional run: the classes to draw, one row each
 
-    def asked(self) -> list[str]:
-        """The options given that only a text-to-image run can use."""
+    def asked(self, *names: str) -> list[str]:
+        """The options given (of `names`, or of all)."""
         defaults = Prompting()
-        return [f"--{name.replace('_', '-')}" for name in vars(self) if getattr(self, name) != getattr(defaults, name)]
+        return [f"--{'class' if name == 'classes' else name.replace('_', '-')}" for name in names or vars(self)
+                if getattr(self, name) != getattr(defaults, name)]
 
 
 def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_images: int | None,
                seed: int | None, out: Path | None, overwrite: bool, prompting: Prompting | None = None) -> Path:
     """Generate a grid from a finished run's pipeline; what is not given comes from its recipe.
     A text-to-image run samples `prompting`'s prompt with classifier-free guidance, or inpaints."""
+    import torch
     from accelerate import PartialState
     from PIL import Image
 
+    from difftool.conditioning import check_guidance, guidance, indices, read_names, rows_of
     from difftool.files import save_image
     from difftool.plugins import registry
     from difftool.recipe import SCHEMA
@@ -108,9 +127,15 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
     if out is not None and out.suffix.lower() not in Image.registered_extensions():
         raise DifftoolError(f"--out {out}: give a file name with an image extension, e.g. grid.png")
     unet, training_scheduler, latent = load_run(run_dir)
-    if latent is None and prompting.asked():
-        raise DifftoolError(f"{', '.join(prompting.asked())} need a text-to-image run, and {run_dir} holds an "
-                            "unconditional model; leave them out")
+    names = read_names(run_dir)
+    text_only = [name for name in vars(prompting) if name not in ("guidance_scale", "classes")]
+    if latent is None and (asked := prompting.asked(*text_only) if names else prompting.asked()):
+        kind, runs = ("a class-conditional", "a text-to-image run") if names else (
+            "an unconditional", "a text-to-image (--guidance-scale: or class-conditional; --class: class-conditional) run")
+        raise DifftoolError(f"{', '.join(asked)} need {runs}, and {run_dir} holds {kind} model; leave them out")
+    if latent is not None and prompting.classes:
+        raise DifftoolError(f"--class is for class-conditional runs, and {run_dir} holds a text-to-image model; "
+                            "give --prompt instead")
     chosen = sampling_scheduler(entry, dict(training_scheduler.config), overrides, f"--scheduler {name}")
     steps = steps or chosen.config.num_train_timesteps
     kind = "inpaint" if prompting.image or prompting.mask else "sample"
@@ -122,21 +147,31 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
     device = PartialState().device
     unet = unet.to(device).eval()
     image_size = saved.get("dataset", {}).get("image_size") or unet.config.sample_size
-    if latent is None:
+    rows = None
+    if latent is None and names is None:
         images = generate(unet, chosen, num_images, steps, seed, image_size, device)
+    elif latent is None:
+        labels = indices(names, prompting.classes or sampling.get("classes") or [], "--class")
+        dropout = saved.get("dataset", {}).get("label_dropout", 0.0)
+        scale = first(prompting.guidance_scale, sampling.get("guidance_scale"), None)
+        check_guidance(scale, dropout, "--guidance-scale" if prompting.guidance_scale is not None else "[sampling]")
+        per_class, rows = max(1, num_images // len(labels)), len(labels)
+        images = generate(unet, chosen, per_class * rows, steps, seed, image_size, device,
+                          labels=torch.tensor(rows_of(labels, per_class)), null_label=len(names),
+                          guidance_scale=guidance(scale, False, bool(dropout)))
     else:
         latent.to(device)
         text = dict(
             prompts=[prompting.prompt] if prompting.prompt is not None else sampling.get("prompts") or [""],
             negative_prompt=first(prompting.negative_prompt, sampling.get("negative_prompt"), ""),
-            guidance_scale=first(prompting.guidance_scale, sampling.get("guidance_scale"), 7.5),
+            guidance_scale=guidance(first(prompting.guidance_scale, sampling.get("guidance_scale"), None), True),
             num_images=num_images, num_inference_steps=steps, seed=seed, image_size=image_size,
         )
         if kind == "inpaint":
             images = inpaint(latent.pipeline(unet, chosen), prompting, **text)
         else:
             images = text_to_image(latent.pipeline(unet, chosen), **text)
-    save_image(grid(images), out)
+    save_image(grid(images, rows=rows), out)
     return out
 
 
@@ -158,8 +193,8 @@ def saved_recipe(run_dir: Path) -> dict[str, Any]:
 
 
 def first(*values):
-    """The first value that is not None."""
-    return next(v for v in values if v is not None)
+    """The first value that is not None (the last when all are)."""
+    return next((v for v in values if v is not None), values[-1])
 
 
 def load_run(run_dir: Path):

@@ -33,11 +33,23 @@ def test_required_scheduler_names_are_there():
     assert {"ddpm", "ddim", "pndm", "dpm-solver++", "euler", "euler-ancestral", "heun", "lms", "unipc", "deis"} <= names
 
 
-@pytest.mark.parametrize("name", [name for name, _ in registry("schedulers").visible()])
+FLOW = ("flow-euler", "flow-heun")
+
+
+@pytest.mark.parametrize("name", [name for name, _ in registry("schedulers").visible() if name not in FLOW])
 def test_every_scheduler_samples_from_a_ddpm_trained_config(unet, name):
     training = registry("schedulers").get("ddpm").build({"beta_schedule": "scaled_linear", "beta_start": 0.001}, "test")
     scheduler = sampling_scheduler(registry("schedulers").get(name), dict(training.config), {}, "test")
     assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.beta_start == 0.001
+    images = generate(unet, scheduler, num_images=2, num_inference_steps=4, seed=0, image_size=16, device="cpu")
+    assert len(images) == 2 and images[0].size == (16, 16)
+
+
+@pytest.mark.parametrize("name", FLOW)
+def test_flow_schedulers_sample_from_a_flow_trained_config(unet, name):
+    training = registry("schedulers").get("flow-euler").build({"shift": 3.0}, "test")
+    scheduler = sampling_scheduler(registry("schedulers").get(name), dict(training.config), {}, "test")
+    assert scheduler.config.shift == 3.0
     images = generate(unet, scheduler, num_images=2, num_inference_steps=4, seed=0, image_size=16, device="cpu")
     assert len(images) == 2 and images[0].size == (16, 16)
 
@@ -120,7 +132,7 @@ def test_attention_layers_pattern_picks_layers(tiny_recipe):
 
 def test_image_size_must_fit_the_unet(tiny_recipe):
     recipe = recipes.load(tiny_recipe(), ["dataset.image_size=33"])
-    with pytest.raises(DifftoolError, match="image_size = 33 must be divisible by 2, since the model halves the resolution 1 times"):
+    with pytest.raises(DifftoolError, match="image_size = 33 must be divisible by 2, the model's size multiple; use 32"):
         build.model(recipe)
     recipe = recipes.load(tiny_recipe(), ["model.sample_size=64"])
     with pytest.raises(DifftoolError, match="image_size = 32 but the model's sample_size is 64"):

@@ -61,7 +61,7 @@ class BadPlugin:
 
     @difftool.hookimpl
     def register_loss_weightings(self, register):
-        register("callable", lambda: lambda timesteps, noise_scheduler, prediction_type: None)
+        register("callable", lambda: lambda times, objective: None)
         register("equal", lambda: None)  # None: equal weights, as the engine allows
         register("number", lambda: 5.0)
 
@@ -97,7 +97,7 @@ def assert_refused(code, out, err, section, noun, name, returned, promise):
     ('attention={processor="not-callable"}', "attention", "attention processor", "not-callable",
      "int 42", "an attention processor"),
     ('loss_weighting={name="number"}', "loss_weighting", "loss weighting", "number",
-     "float 5.0", "a callable (timesteps, noise_scheduler, prediction_type) -> weights, or None"),
+     "float 5.0", "a callable (times, objective) -> weights, or None"),
     ('timestep_sampler={name="not-callable"}', "timestep_sampler", "timestep sampler", "not-callable",
      "list [0, 1, 2]", "a callable (batch_size, num_train_timesteps, device) -> timesteps"),
 ])

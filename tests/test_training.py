@@ -193,7 +193,8 @@ def test_training_hooks_see_the_run(plugin, tiny_recipe):
 
 
 class NaNAfter:
-    """A loss weighting that turns NaN from the `start`-th call on (or only at that call)."""
+    """A loss weighting that turns NaN from the `start`-th call on (or only at that call); call 1
+    is the trial before training (build.check_objective)."""
 
     def __init__(self, start, once=False):
         self.start, self.once, self.count = start, once, 0
@@ -201,7 +202,7 @@ class NaNAfter:
     @difftool.hookimpl
     def register_loss_weightings(self, register):
         def factory():
-            def weights(timesteps, noise_scheduler, prediction_type):
+            def weights(timesteps, objective):
                 self.count += 1
                 bad = self.count == self.start if self.once else self.count >= self.start
                 return torch.full(timesteps.shape, float("nan") if bad else 1.0)
@@ -212,7 +213,7 @@ class NaNAfter:
 
 
 def test_nonfinite_steps_are_skipped_counted_and_logged(plugin, tiny_recipe):
-    plugin(NaNAfter(2, once=True), "nan-once")
+    plugin(NaNAfter(3, once=True), "nan-once")
     output_dir = train(recipes.load(tiny_recipe('\n[loss_weighting]\nname = "nan-after"\n')))
     scalars = tb_scalars(output_dir)
     assert [s for s, _ in scalars["loss"]] == [1, 2, 3]  # 4 batches, one skipped
@@ -222,7 +223,7 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(plugin, tiny_recipe):
 
 
 def test_too_many_nonfinite_steps_stop_the_run(plugin, tiny_recipe):
-    plugin(NaNAfter(3), "nan-forever")
+    plugin(NaNAfter(4), "nan-forever")
     path = tiny_recipe('\n[loss_weighting]\nname = "nan-after"\n')
     with pytest.raises(DifftoolError) as info:
         train(recipes.load(path, ["run.num_epochs=10", "run.checkpointing_steps=1", "run.max_nonfinite_steps=3"]))
@@ -246,14 +247,17 @@ def test_min_snr_weights_follow_the_paper():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
+    from difftool.builtins.objectives import DDPM
+
     scheduler = DDPMScheduler()
     timesteps = torch.tensor([1, 100, 500, 999])
     snr = compute_snr(scheduler, timesteps)
     weighting = registry("loss_weightings").get("min-snr").build({"gamma": 5.0}, "test")
-    assert torch.allclose(weighting(timesteps, scheduler, "epsilon"), torch.minimum(snr, torch.tensor(5.0)) / snr)
-    assert torch.allclose(weighting(timesteps, scheduler, "v_prediction"), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
-    assert weighting(timesteps, scheduler, "epsilon")[0] < 1 and weighting(timesteps, scheduler, "epsilon")[-1] == 1
-    assert registry("loss_weightings").get("none").build({}, "test")(timesteps, scheduler, "epsilon") is None
+    epsilon, velocity = DDPM(scheduler), DDPM(DDPMScheduler(prediction_type="v_prediction"))
+    assert torch.allclose(weighting(timesteps, epsilon), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert torch.allclose(weighting(timesteps, velocity), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert weighting(timesteps, epsilon)[0] < 1 and weighting(timesteps, epsilon)[-1] == 1
+    assert registry("loss_weightings").get("none").build({}, "test")(timesteps, epsilon) is None
 
 
 def test_timestep_samplers_stay_in_range():

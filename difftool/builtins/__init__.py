@@ -23,6 +23,10 @@ SCHEDULERS = {
     "deis": ("DEISMultistepScheduler", "DEIS multistep exponential integrator"),
     "sa-solver": ("SASolverScheduler", "SA-Solver stochastic Adams"),
 }
+FLOW_SCHEDULERS = {
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", "flow matching, Euler steps (SD3's); the default of a flow-matching run"),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", "flow matching, Heun second-order steps (2 model calls per step)"),
+}
 if find_spec("torchsde") is not None:
     SCHEDULERS["dpm-solver-sde"] = ("DPMSolverSDEScheduler", "DPM-Solver SDE (needs torchsde)")
 
@@ -39,13 +43,14 @@ LR_SCHEDULES = {
 @hookimpl
 def register_models(register):
     register("unet2d", "difftool.builtins.models:unet2d", "diffusers UNet2DModel, from keyword arguments or `pretrained` (a local folder)")
+    register("dit", "difftool.builtins.models:dit", "diffusers DiTTransformer2DModel (a transformer on image patches, class-conditional by adaLN-Zero), from keyword arguments or `pretrained`")
     register("stable-diffusion", "difftool.latent:stable_diffusion", "Stable Diffusion 1.x/2.x text-to-image (VAE + CLIP + UNet2DConditionModel) from `pretrained`")
     register("stable-diffusion-xl", "difftool.latent:stable_diffusion_xl", "Stable Diffusion XL text-to-image (VAE + two CLIPs + UNet) from `pretrained`")
 
 
 @hookimpl
 def register_schedulers(register):
-    for name, (cls, description) in SCHEDULERS.items():
+    for name, (cls, description) in {**SCHEDULERS, **FLOW_SCHEDULERS}.items():
         register(name, f"diffusers:{cls}", description)
 
 
@@ -81,13 +86,23 @@ def register_attention_processors(register):
 @hookimpl
 def register_loss_weightings(register):
     register("none", "difftool.builtins.objectives:no_weighting", "every sample weighs the same")
-    register("min-snr", "difftool.builtins.objectives:min_snr", "Min-SNR-gamma weighting (Hang et al. 2023)")
+    register("min-snr", "difftool.builtins.objectives:min_snr", "Min-SNR-gamma weighting (Hang et al. 2023), for every built-in objective")
+    register("sigma-sqrt", "difftool.builtins.objectives:sigma_sqrt", "1 / t^2 (SD3's sigma_sqrt), flow matching only")
+    register("cosmap", "difftool.builtins.objectives:cosmap_weighting", "2 / (pi (1 - 2t + 2t^2)) (SD3's cosmap), flow matching only")
 
 
 @hookimpl
 def register_timestep_samplers(register):
     register("uniform", "difftool.builtins.objectives:uniform", "timesteps uniform over the training range (the tutorial's)")
-    register("logit-normal", "difftool.builtins.objectives:logit_normal", "timesteps from a logit-normal (mean, std), favouring the middle")
+    register("logit-normal", "difftool.builtins.objectives:logit_normal", "timesteps from a logit-normal (mean, std), favouring the middle (SD3's default)")
+    register("mode", "difftool.builtins.objectives:mode", "SD3's mode density with heavy tails (scale; 0 is uniform)")
+    register("cosmap", "difftool.builtins.objectives:cosmap", "SD3's CosMap density")
+
+
+@hookimpl
+def register_objectives(register):
+    register("ddpm", "difftool.builtins.objectives:ddpm", "DDPM: noise by the scheduler's betas, predict epsilon/v/sample (the tutorial's)")
+    register("flow-matching", "difftool.builtins.objectives:flow_matching", "rectified flow (SD3): x_t = (1-t) x_0 + t noise, predict noise - x_0")
 
 
 @hookimpl

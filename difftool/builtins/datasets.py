@@ -7,7 +7,9 @@ from difftool.errors import DifftoolError, hub_unreachable
 
 def huggingface(path: str, split: str = "train", name: str | None = None,
                 image_column: str = "image", revision: str | None = None):
-    """`datasets.load_dataset(path, name, split=split)`, its image column renamed to `image`."""
+    """`datasets.load_dataset(path, name, split=split)`, its image column renamed to `image`.
+    The other columns stay as they are: `[dataset] label_column` names the one holding class
+    labels (a ClassLabel, class names or class indices) for class-conditional training."""
     import datasets
 
     try:
@@ -34,7 +36,14 @@ JPEG_TAIL = 4096
 
 def imagefolder(path: str):
     """Every image under the local folder `path` (datasets' imagefolder). First, every image file
-    is checked and every metadata file read, so that a bad one is named before training starts."""
+    is checked and every metadata file read, so that a bad one is named before training starts.
+
+    Class subfolders (path/butterfly/1.png, path/emoji/2.png) give a `label` ClassLabel column
+    for `[dataset] label_column = "label"`, its names those of the folders holding the images,
+    sorted. datasets adds it only when there are at least 2 such folders, every image lies at
+    the same depth (none directly in `path`), and there is no metadata file (whose columns are
+    used instead). Folders named like splits (train, validation, val, dev, test, eval, ...) are
+    splits, not classes."""
     import datasets
 
     folder = Path(path).expanduser()
@@ -71,7 +80,9 @@ def _data_files(folder: Path, path: str) -> tuple[dict, set[Path], list[Path]]:
     files = DataFilesDict.from_patterns(patterns, base_path=base)
     if "train" not in files:
         raise DifftoolError(f"[dataset] path = '{path}' is split into {', '.join(files)} folders but has no "
-                            "train split; rename the one to train on to train/")
+                            "train split; rename the one to train on to train/ (datasets takes folders named "
+                            "like train, validation/val/dev or test/eval for splits: rename class folders "
+                            "named so)")
     extensions, images, metadata = _image_extensions(), set(), []
     for name in files["train"]:  # sorted as datasets sorts them
         file = Path(name)

@@ -30,18 +30,31 @@ _BASE, _EDGE, _FORE_ACCENT, _HIND_ACCENT, _WHITE, _BODY = range(1, 7)
 _BASE_NAMES = ["orange"] * 3 + ["blue"] * 3 + ["yellow"] * 2 + ["white"] * 2 + ["brown"] * 2 + ["black"] * 2
 
 
-def synthetic_butterflies(count: int = 1000, seed: int = 0, size: int = 64, captions: bool = False) -> list[dict]:
+def synthetic_butterflies(count: int = 1000, seed: int = 0, size: int = 64, captions: bool = False,
+                          labels: bool = False) -> list[dict]:
     """`count` butterfly-like RGB images of `size` px, as rows {"image": PIL.Image}; with
-    `captions`, also {"text": "a blue butterfly"}, naming the wings' base colour."""
+    `captions`, also {"text": "a blue butterfly"}, and with `labels`, also {"label": "blue"}, the
+    class label of class-conditional training (`[dataset] label_column = "label"`): both name
+    the wings' base colour, one of orange, blue, yellow, white, brown and black."""
     if count < 1:
         raise ValueError(f"count must be >= 1 (got {count}); pass a positive number of images.")
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels (got {size}); pass size=8 or larger.")
     rows = [{"image": draw_butterfly(np.random.default_rng([seed, i]), size)} for i in range(count)]
-    if captions:  # the base colour is the first draw of each image's generator
+    if captions or labels:
         for i, row in enumerate(rows):
-            row["text"] = f"a {_BASE_NAMES[np.random.default_rng([seed, i]).integers(len(_BASES))]} butterfly"
+            colour = _colour_word(seed, i)
+            if captions:
+                row["text"] = f"a {colour} butterfly"
+            if labels:
+                row["label"] = colour
     return rows
+
+
+def _colour_word(seed: int, index: int) -> str:
+    """The colour word of image `index`'s wing base colour: the base colour is the first draw of
+    each image's generator."""
+    return _BASE_NAMES[np.random.default_rng([seed, index]).integers(len(_BASES))]
 
 
 def draw_butterfly(rng: np.random.Generator, size: int) -> Image.Image:
