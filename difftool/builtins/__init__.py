@@ -58,6 +58,7 @@ def register_schedulers(register):
 def register_datasets(register):
     register("huggingface", "difftool.builtins.datasets:huggingface", "a dataset from the Hugging Face Hub or a local dataset script/folder")
     register("imagefolder", "difftool.builtins.datasets:imagefolder", "a local folder of images (datasets' imagefolder)")
+    register("folders", "difftool.builtins.datasets:folders", "one class per local folder of images, for class-conditional runs")
     register("synthetic-butterflies", "difftool.builtins.synthetic:synthetic_butterflies", "offline, seeded, generated butterfly-like images")
 
 

@@ -67,6 +67,35 @@ def imagefolder(path: str):
                             f"{', '.join(map(str, metadata)) or 'its images'}") from exc
 
 
+def folders(classes: dict, max_per_class: int | None = None, seed: int = 0) -> list[dict]:
+    """One class per local folder of images: `classes` maps each class name to its folder, and
+    each image becomes a row {"image", "label": its class name} (so `[dataset] label_column =
+    "label"`). With `max_per_class`, each class keeps a seeded random subset of that many images,
+    e.g. to balance a large folder against a small one. Images are checked before training and
+    read when first used."""
+    import random
+
+    if not isinstance(classes, dict) or len(classes) < 2:
+        raise DifftoolError("[dataset] classes must map at least two class names to folders, e.g. "
+                            'classes = { butterfly = "data/butterflies", emoji = "data/emoji" }')
+    if max_per_class is not None and max_per_class < 1:
+        raise DifftoolError(f"[dataset] max_per_class = {max_per_class} must be a positive number of images")
+    extensions, rows = _image_extensions(), []
+    for name, path in classes.items():
+        folder = Path(str(path)).expanduser()
+        if not isinstance(path, str) or not folder.is_dir():
+            raise DifftoolError(f"[dataset] classes.{name} = {path!r}: no such folder; point it at a folder of images")
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
+        if not files:
+            raise DifftoolError(f"[dataset] classes.{name} = '{path}' holds no image files")
+        if max_per_class is not None and len(files) > max_per_class:
+            files = sorted(random.Random(f"{seed}:{name}").sample(files, max_per_class))
+        for file in files:
+            _check_image(file)
+        rows += [{"image": {"path": str(file), "bytes": None}, "label": name} for file in files]
+    return rows
+
+
 def _data_files(folder: Path, path: str) -> tuple[dict, set[Path], list[Path]]:
     """(the data_files patterns of each split, image files, metadata files of the train split),
     found by datasets' own functions, as `load_dataset("imagefolder", data_dir=folder)` finds them."""

@@ -96,6 +96,10 @@ class FlowMatching(Objective):
         if hasattr(scheduler, "alphas_cumprod"):
             return ("is a DDPM-family scheduler (it steps by betas), and a flow-matching model needs a flow-match "
                     "one: use flow-euler or flow-heun (or leave the name out to get flow-euler)")
+        if scheduler.config.get("use_dynamic_shifting"):
+            return ("sets use_dynamic_shifting = true, which shifts by a `mu` per image size that neither training "
+                    "nor sampling here gives; remove it, and set [objective] base_image_size for a shift that "
+                    "follows the image size (or [noise_scheduler] shift for a fixed one)")
         return None
 
 
@@ -140,8 +144,8 @@ def min_snr(gamma: float = 5.0):
         snr = objective.snr(times)
         clipped = snr.clamp(max=gamma)
         kind = objective.prediction_type
-        if kind == "epsilon":
-            return clipped / snr
+        if kind == "epsilon":  # at snr = 0 (zero terminal SNR betas) its limit, 1, rather than 0 / 0
+            return torch.where(snr == 0, 1.0, clipped / snr)
         if kind == "v_prediction":
             return clipped / (snr + 1)
         if kind == "sample":
