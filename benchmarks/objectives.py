@@ -62,16 +62,17 @@ def flow(args) -> None:
     from difftool.engine import train
 
     every = max(1, args.steps // args.evaluations)
-    print("| objective | step | training minutes | SWD |")
-    print("|---|---|---|---|")
+    print("| objective | seed | step | training minutes | SWD |")
+    print("|---|---|---|---|---|")
     for name in OBJECTIVES:
-        folder = args.out / name.replace(",", "").replace(" ", "-")
+        folder = args.out / f"{name.replace(',', '').replace(' ', '-')}-seed{args.seed}"
         path = args.out / f"{folder.name}.toml"
-        path.write_text(unconditional(name, folder, args.data, every * args.evaluations, every))
+        path.write_text(unconditional(name, folder, args.data, every * args.evaluations, every)
+                        .replace("seed = 0\n", f"seed = {args.seed}\n", 1))
         started = time.perf_counter()
         train(recipes.load(path))
         for step, minutes, value in curve(folder):
-            print(f"| {name} | {step} | {minutes:.2f} | {value:.1f} |", flush=True)
+            print(f"| {name} | {args.seed} | {step} | {minutes:.2f} | {value:.1f} |", flush=True)
         print(f"<!-- {name}: {time.perf_counter() - started:.0f} s in all -->", flush=True)
 
 
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("parts", nargs="*", default=["flow", "guidance"])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--evaluations", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="flow: the runs' seed")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--out", type=Path, default=Path("runs/objectives"))
     parser.add_argument("--data", type=Path, default=DATA)

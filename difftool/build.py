@@ -172,8 +172,10 @@ def check_guidance(recipe: Recipe, text: bool, classes: list[str] | None) -> Non
                             "a class-conditional model ([dataset] label_column)")
     if classes is not None:
         from difftool.conditioning import check_guidance as check
+        from difftool.conditioning import indices
 
         check(scale, recipe["dataset"]["label_dropout"], recipe.where("sampling"))
+        indices(classes, recipe["sampling"]["classes"], recipe.where("sampling"))
 
 
 def check_row(row, index: int, where: str, who: str) -> None:

@@ -82,6 +82,7 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
     from difftool import recipe as recipes
     from difftool.adapters import check_fusable
     from difftool.evaluation import check_recipe as check_evaluation
+    from difftool.evaluation import evaluation_scheduler
 
     loaded = recipes.load(recipe, set_)
     classes = None
@@ -95,8 +96,11 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
     objective = build.objective(loaded, noise_scheduler)
     sampler = build.sampling_scheduler(loaded, noise_scheduler)
     build.lr_schedule(loaded, build.optimizer(loaded, model), num_training_steps=1)
-    build.check_objective(loaded, objective, {"noise_scheduler": noise_scheduler, "sampling": sampler},
-                          build.component(loaded, "timestep_sampler"), build.component(loaded, "loss_weighting"))
+    schedulers = {"noise_scheduler": noise_scheduler, "sampling": sampler}
+    if loaded["evaluation"]["scheduler"] is not None:
+        schedulers["evaluation"] = evaluation_scheduler(loaded, noise_scheduler, sampler)
+    build.check_objective(loaded, objective, schedulers, build.component(loaded, "timestep_sampler"),
+                          build.component(loaded, "loss_weighting"))
     build.check_guidance(loaded, build.is_latent(model), classes)
     build.ema(loaded, model)
     build.check_memory(loaded, model)

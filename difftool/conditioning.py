@@ -27,11 +27,15 @@ def guidance(value: float | None, text: bool, null_trained: bool = True) -> floa
 
 
 def check_guidance(scale: float | None, label_dropout: float, where: str) -> None:
-    """Guidance of a class-conditional model needs the null class, learnt from dropped labels."""
+    """Guidance of a class-conditional model needs the null class, learnt from dropped labels.
+    `where` is a recipe's "[sampling]" or a command's option ("--guidance-scale")."""
     if scale not in (None, 1.0) and not label_dropout:
-        raise DifftoolError(f"{where} guidance_scale = {scale} needs the unconditional (null class) case, which "
-                            "the model learns only from dropped labels, and it was trained with [dataset] "
-                            "label_dropout = 0; set label_dropout (e.g. 0.1) for guidance, or guidance_scale = 1.0")
+        option = where.startswith("--")
+        fix = (f"leave {where} out (or give 1), or train with [dataset] label_dropout (e.g. 0.1)" if option else
+               "set [dataset] label_dropout (e.g. 0.1) for guidance, or guidance_scale = 1.0")
+        raise DifftoolError(f"{where} {'' if option else 'guidance_scale = '}{scale} needs the unconditional (null "
+                            "class) case, which the model learns only from dropped labels, and [dataset] "
+                            f"label_dropout = 0 drops none; {fix}")
 
 
 def write_names(folder: Path, names: list[str]) -> None:
@@ -60,7 +64,7 @@ def indices(names: list[str], asked: list[str], where: str) -> list[int]:
     found = []
     for name in asked:
         if name not in names:
-            raise DifftoolError(f"{where}: unknown class '{name}'{suggest(name, names)}; the run's classes are "
+            raise DifftoolError(f"{where.rstrip(':')}: unknown class '{name}'{suggest(name, names)}; the run's classes are "
                                 f"{', '.join(names)}")
         found.append(names.index(name))
     return found
@@ -71,6 +75,16 @@ def requires_labels(model) -> bool:
     AdaLayerNormZero (norm_type "ada_norm_zero", as DiT) embed one with the timestep, so an
     unconditional one is built for a single class and given class 0."""
     return getattr(getattr(model, "config", None), "norm_type", None) == "ada_norm_zero"
+
+
+def class_conditional(model) -> bool:
+    """Whether a pixel-space denoiser was built for class labels: a UNet with a class embedding
+    (num_class_embeds or class_embed_type), a DiT of more than one class (an unconditional one
+    has the single class 0)."""
+    config = getattr(model, "config", None)
+    if requires_labels(model):
+        return (getattr(config, "num_embeds_ada_norm", None) or 1) > 1
+    return getattr(config, "num_class_embeds", None) is not None or getattr(config, "class_embed_type", None) is not None
 
 
 def model_labels(model, labels, batch_size: int, device) -> dict:

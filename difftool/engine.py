@@ -148,14 +148,16 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
         latent=latent,
         classes=classes,
     )
-    build.check_objective(recipe, trained, {"noise_scheduler": noise_scheduler, "sampling": parts.sampler},
-                          parts.timestep_sampler, parts.loss_weighting)
     build.check_guidance(recipe, latent is not None, classes)
     if latent is not None:
         latent.cast_frozen(WEIGHT_DTYPES[accelerator.mixed_precision])
         parts.latent_cache = build.latent_cache(recipe, latent)
     parts.evaluation = evaluation.in_training(recipe, accelerator.device, latent is not None, noise_scheduler, parts.sampler,
                                               classes)
+    schedulers = {"noise_scheduler": noise_scheduler, "sampling": parts.sampler}
+    if parts.evaluation is not None:
+        schedulers["evaluation"] = parts.evaluation.scheduler
+    build.check_objective(recipe, trained, schedulers, parts.timestep_sampler, parts.loss_weighting)
     optimizer = build.optimizer(recipe, model)
     plan = make_plan(recipe, len(parts.loader))
     lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)

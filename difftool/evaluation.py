@@ -390,7 +390,7 @@ def evaluate_run(run_dir: Path, asked: Asked, report=None) -> tuple[dict[str, fl
     from difftool import recipe as recipes
     from difftool.conditioning import read_names
     from difftool.plugins import registry
-    from difftool.sampling import load_run, sampling_scheduler, saved_recipe
+    from difftool.sampling import check_scheduler, load_run, sampling_scheduler, saved_recipe
 
     saved = saved_recipe(run_dir)
     if not saved:
@@ -407,6 +407,7 @@ def evaluate_run(run_dir: Path, asked: Asked, report=None) -> tuple[dict[str, fl
     # the run's own [sampling] settings (thresholding, ...) go with its own sampling scheduler
     overrides = recipe.kwargs("sampling") if name == recipe["sampling"]["scheduler"] else {}
     scheduler = sampling_scheduler(entry, dict(training_scheduler.config), overrides, f"--scheduler {name}")
+    check_scheduler(saved, training_scheduler, scheduler, f"--scheduler {name}")
     classes = read_names(run_dir)
     generation = generation_settings(recipe, scheduler, asked.num_samples, asked.steps, asked.seed, asked.batch_size,
                                      latent is not None, None if classes is None else len(classes))

@@ -107,7 +107,8 @@ class Objective:
 def describe_times(value) -> str:
     """What a timestep sampler returned, for messages."""
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor"
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{'an' if dtype.startswith('int') else 'a'} {dtype} tensor"
     return type(value).__name__
 
 

@@ -129,14 +129,17 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
     unet, training_scheduler, latent = load_run(run_dir)
     names = read_names(run_dir)
     text_only = [name for name in vars(prompting) if name not in ("guidance_scale", "classes")]
-    if latent is None and (asked := prompting.asked(*text_only) if names else prompting.asked()):
-        kind, runs = ("a class-conditional", "a text-to-image run") if names else (
-            "an unconditional", "a text-to-image (--guidance-scale: or class-conditional; --class: class-conditional) run")
-        raise DifftoolError(f"{', '.join(asked)} need {runs}, and {run_dir} holds {kind} model; leave them out")
+    if latent is None and (asked := prompting.asked(*text_only)):
+        kind = "a class-conditional" if names else "an unconditional"
+        raise DifftoolError(f"{', '.join(asked)} need a text-to-image run, and {run_dir} holds {kind} model; leave them out")
+    if latent is None and names is None and (asked := prompting.asked("classes", "guidance_scale")):
+        raise DifftoolError(f"{', '.join(asked)} need a class-conditional run (--guidance-scale: or a text-to-image one), "
+                            f"and {run_dir} holds an unconditional model; leave them out")
     if latent is not None and prompting.classes:
         raise DifftoolError(f"--class is for class-conditional runs, and {run_dir} holds a text-to-image model; "
                             "give --prompt instead")
     chosen = sampling_scheduler(entry, dict(training_scheduler.config), overrides, f"--scheduler {name}")
+    check_scheduler(saved, training_scheduler, chosen, f"--scheduler {name}")
     steps = steps or chosen.config.num_train_timesteps
     kind = "inpaint" if prompting.image or prompting.mask else "sample"
     if prompting.refiner is not None and kind != "inpaint":
@@ -192,6 +195,22 @@ def saved_recipe(run_dir: Path) -> dict[str, Any]:
                             "(checkpoints/checkpoint-N/recipe.toml) or from a backup") from exc
 
 
+def check_scheduler(saved: dict[str, Any], training_scheduler, scheduler, where: str) -> None:
+    """Refuse a sampling scheduler that does not fit the objective the run was trained with
+    (a DDPM one for a flow-matching model, say), rebuilt from its saved recipe."""
+    from difftool.plugins import registry
+    from difftool.recipe import SCHEMA
+
+    table = saved.get("objective", {})
+    name = table.get("name", "ddpm")
+    kwargs = {k: v for k, v in table.items() if k not in SCHEMA["objective"]}
+    objective = registry("objectives").get(name).build(
+        kwargs, "the run's [objective]", noise_scheduler=training_scheduler,
+        image_size=saved.get("dataset", {}).get("image_size"))
+    if problem := objective.check_scheduler(scheduler, "sampling"):
+        raise DifftoolError(f"{where} does not fit the run's objective '{name}': it {problem}")
+
+
 def first(*values):
     """The first value that is not None (the last when all are)."""
     return next((v for v in values if v is not None), values[-1])
@@ -207,7 +226,7 @@ def load_run(run_dir: Path):
 
     if (run_dir / adapters.MARKER).is_file():
         model, training_scheduler = adapters.adapted_model(run_dir)
-        return build.denoiser(model), training_scheduler, model if build.is_latent(model) else None
+        return with_classes(run_dir, build.denoiser(model), training_scheduler, model if build.is_latent(model) else None)
     from difftool.integrity import damaged_output, weights_problem
 
     try:
@@ -218,11 +237,42 @@ def load_run(run_dir: Path):
         if (run_dir / name).is_dir() and (problem := weights_problem(run_dir / name)):
             raise damaged_output(run_dir, problem)
     try:
-        pipeline = DiffusionPipeline.from_pretrained(run_dir)
+        with dit_as_unet():
+            pipeline = DiffusionPipeline.from_pretrained(run_dir)
     except Exception as exc:
         raise damaged_output(run_dir, f"its model could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from exc
     latent = LatentDiffusion(pipeline, str(run_dir)) if hasattr(pipeline, "text_encoder") else None
-    return pipeline.unet, pipeline.scheduler, latent
+    return with_classes(run_dir, pipeline.unet, pipeline.scheduler, latent)
+
+
+def with_classes(run_dir: Path, unet, training_scheduler, latent):
+    """The loaded run, once a class-conditional model is known to have its class names beside it
+    (without them it would be sampled as unconditional, and fail for want of labels)."""
+    from difftool.conditioning import NAMES_FILE, class_conditional
+    from difftool.integrity import damaged_output
+
+    if latent is None and class_conditional(unet) and not (run_dir / NAMES_FILE).is_file():
+        raise damaged_output(run_dir, f"its model is class-conditional, and {NAMES_FILE}, the names of its classes, "
+                                      "is missing")
+    return unet, training_scheduler, latent
+
+
+@contextlib.contextmanager
+def dit_as_unet():
+    """Quiet diffusers' loader about the DiT a dit run saves as DDPMPipeline's `unet` (a slot
+    typed UNet2DModel), which it would warn about at every load; other warnings pass."""
+    import logging
+
+    def keep(record) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Expected types for unet:") and "DiTTransformer2DModel" in message)
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def inpaint(pipeline, prompting: Prompting, prompts: list[str], negative_prompt: str, guidance_scale: float,

@@ -43,7 +43,7 @@ LR_SCHEDULES = {
 @hookimpl
 def register_models(register):
     register("unet2d", "difftool.builtins.models:unet2d", "diffusers UNet2DModel, from keyword arguments or `pretrained` (a local folder)")
-    register("dit", "difftool.builtins.models:dit", "diffusers DiTTransformer2DModel (a transformer on image patches, class-conditional by adaLN-Zero), from keyword arguments or `pretrained`")
+    register("dit", "difftool.builtins.dit:dit", "diffusers DiTTransformer2DModel (a transformer on image patches, class-conditional by adaLN-Zero), from keyword arguments or `pretrained`")
     register("stable-diffusion", "difftool.latent:stable_diffusion", "Stable Diffusion 1.x/2.x text-to-image (VAE + CLIP + UNet2DConditionModel) from `pretrained`")
     register("stable-diffusion-xl", "difftool.latent:stable_diffusion_xl", "Stable Diffusion XL text-to-image (VAE + two CLIPs + UNet) from `pretrained`")
 

@@ -106,7 +106,8 @@ class FlowMatching(Objective):
 def set_shift(noise_scheduler, shift: float, base: int, image_size: int) -> None:
     """Give the noise scheduler the resolution-dependent shift (SD3's sqrt(m / n) for m and n
     pixels, i.e. image_size / base_image_size), so that sampling and the saved pipeline use it."""
-    if float(noise_scheduler.config.get("shift", 1.0) or 1.0) != 1.0:
+    current = float(noise_scheduler.config.get("shift", 1.0) or 1.0)
+    if current not in (1.0, shift):  # a saved run's scheduler already has it
         raise DifftoolError(f"[objective] base_image_size = {base} sets the timestep shift from the image size "
                             f"({image_size} / {base} = {shift:g}), and [noise_scheduler] sets shift = "
                             f"{noise_scheduler.config.shift} too; keep one of them")
