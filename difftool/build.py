@@ -277,31 +277,38 @@ def check_objective(recipe: Recipe, built, schedulers: dict, sampler, weighting)
         if problem := built.check_scheduler(scheduler, section):
             raise DifftoolError(f"{recipe.where(section)} scheduler '{type(scheduler).__name__}' does not fit "
                                 f"objective '{name}': it {problem}")
-    sampler_name, weighting_name = recipe["timestep_sampler"]["name"], recipe["loss_weighting"]["name"]
     with torch.random.fork_rng(devices=[]):
-        try:
-            times = built.times(sampler, 64, "cpu")
-        except DifftoolError as exc:
-            raise DifftoolError(f"{recipe.where('timestep_sampler')} timestep sampler '{sampler_name}' does not fit "
-                                f"objective '{name}': {exc}") from exc
-        except Exception as exc:
-            raise DifftoolError(f"{recipe.where('timestep_sampler')} timestep sampler '{sampler_name}' failed on a "
-                                f"trial draw ({type(exc).__name__}: {exc}); it is called as (batch_size, "
-                                "num_train_timesteps, device), with num_train_timesteps None for a continuous "
-                                "objective") from exc
+        times = trial(recipe, "timestep_sampler", "draw", lambda: built.times(sampler, 64, "cpu"),
+                      "(batch_size, num_train_timesteps, device), with num_train_timesteps None for a continuous "
+                      "objective")
         low, high = (0.0, 1.0) if built.continuous else (0, built.num_train_timesteps - 1)
         if times.numel() and (times.min().item() < low or times.max().item() > high):
-            raise DifftoolError(f"{recipe.where('timestep_sampler')} timestep sampler '{sampler_name}' drew times "
-                                f"outside [{low}, {high}] for objective '{name}'")
-        try:
-            weighting(times, built) if weighting else None
-        except DifftoolError as exc:
-            raise DifftoolError(f"{recipe.where('loss_weighting')} loss weighting '{weighting_name}' does not fit "
-                                f"objective '{name}': {exc}") from exc
-        except Exception as exc:
-            raise DifftoolError(f"{recipe.where('loss_weighting')} loss weighting '{weighting_name}' failed on a "
-                                f"trial batch ({type(exc).__name__}: {exc}); it is called as (times, objective) "
-                                "and returns one weight per sample or None") from exc
+            raise DifftoolError(f"{recipe.where('timestep_sampler')} timestep sampler "
+                                f"'{recipe['timestep_sampler']['name']}' drew times outside [{low}, {high}] for "
+                                f"objective '{name}'")
+        if weighting:
+            trial(recipe, "loss_weighting", "batch", lambda: weighting(times, built),
+                  "(times, objective) and returns one weight per sample or None")
+
+
+def trial(recipe: Recipe, section: str, what: str, call, called_as: str):
+    """`call()` of the component in `section`: its DifftoolError says it does not fit the
+    objective, any other error that it failed (`what`: "draw" or "batch"; `called_as`: its contract)."""
+    from difftool.recipe import COMPONENTS
+    from difftool.registry import KINDS
+
+    who = f"{recipe.where(section)} {KINDS[COMPONENTS[section][0]][0]} '{recipe[section]['name']}'"
+    import torch
+
+    try:
+        return call()
+    except DifftoolError as exc:
+        raise DifftoolError(f"{who} does not fit objective '{recipe['objective']['name']}': {exc}") from exc
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # not a broken contract: the run's out-of-memory message names the sizes
+    except Exception as exc:
+        raise DifftoolError(f"{who} failed on a trial {what} ({type(exc).__name__}: {exc}); it is called as "
+                            f"{called_as}") from exc
 
 
 def component(recipe: Recipe, section: str):

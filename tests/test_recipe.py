@@ -23,7 +23,7 @@ def test_tiny_recipe_is_valid_with_defaults_filled(tiny_recipe):
     assert {s: e.name for s, e in recipe.entries.items()} == {
         "dataset": "synthetic-butterflies", "model": "unet2d", "noise_scheduler": "ddpm",
         "optimizer": "adamw", "lr_schedule": "cosine", "sampling": "ddim",
-        "loss_weighting": "none", "timestep_sampler": "uniform", "evaluation.swd": "swd",
+        "loss_weighting": "none", "timestep_sampler": "uniform", "objective": "ddpm", "evaluation.swd": "swd",
     }
     assert recipe["evaluation"]["metrics"] == ["swd"] and recipe["evaluation"]["every_n_steps"] is None
 
