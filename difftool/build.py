@@ -266,6 +266,18 @@ def objective(recipe: Recipe, noise_scheduler):
                                              noise_scheduler=noise_scheduler, image_size=recipe["dataset"]["image_size"])
 
 
+def scheduler_roles(built_model, noise, sampling, evaluation=None) -> dict:
+    """{recipe section: scheduler} of every scheduler the objective must fit: the noise, sampling
+    and evaluation ones, and a pipeline's own (under [model]: an SD3 pipeline's flow-match
+    scheduler says how its transformer was trained, whatever [noise_scheduler] inherits from it)."""
+    roles = {"noise_scheduler": noise, "sampling": sampling}
+    if evaluation is not None:
+        roles["evaluation"] = evaluation
+    if is_latent(built_model):
+        roles["model"] = built_model.others["scheduler"]
+    return roles
+
+
 def check_objective(recipe: Recipe, built, schedulers: dict, sampler, weighting) -> None:
     """Refuse schedulers ({section: scheduler}), a timestep sampler or a loss weighting that do
     not fit the objective: each scheduler is asked of the objective, and the sampler and the

@@ -96,9 +96,8 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
     objective = build.objective(loaded, noise_scheduler)
     sampler = build.sampling_scheduler(loaded, noise_scheduler)
     build.lr_schedule(loaded, build.optimizer(loaded, model), num_training_steps=1)
-    schedulers = {"noise_scheduler": noise_scheduler, "sampling": sampler}
-    if loaded["evaluation"]["scheduler"] is not None:
-        schedulers["evaluation"] = evaluation_scheduler(loaded, noise_scheduler, sampler)
+    schedulers = build.scheduler_roles(model, noise_scheduler, sampler, evaluation_scheduler(
+        loaded, noise_scheduler, sampler) if loaded["evaluation"]["scheduler"] is not None else None)
     build.check_objective(loaded, objective, schedulers, build.component(loaded, "timestep_sampler"),
                           build.component(loaded, "loss_weighting"))
     build.check_guidance(loaded, build.is_latent(model), classes)

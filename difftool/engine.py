@@ -154,9 +154,8 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
         parts.latent_cache = build.latent_cache(recipe, latent)
     parts.evaluation = evaluation.in_training(recipe, accelerator.device, latent is not None, noise_scheduler, parts.sampler,
                                               classes)
-    schedulers = {"noise_scheduler": noise_scheduler, "sampling": parts.sampler}
-    if parts.evaluation is not None:
-        schedulers["evaluation"] = parts.evaluation.scheduler
+    schedulers = build.scheduler_roles(model, noise_scheduler, parts.sampler,
+                                       parts.evaluation.scheduler if parts.evaluation is not None else None)
     build.check_objective(recipe, trained, schedulers, parts.timestep_sampler, parts.loss_weighting)
     optimizer = build.optimizer(recipe, model)
     plan = make_plan(recipe, len(parts.loader))

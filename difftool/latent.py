@@ -1,15 +1,19 @@
-"""Latent text-to-image diffusion (Stable Diffusion, SDXL): a trainable UNet2DConditionModel
-between a frozen VAE and frozen CLIP text encoders, loaded from a diffusers pipeline folder.
+"""Latent text-to-image diffusion (Stable Diffusion, SDXL, SD3): a trainable denoiser (a
+UNet2DConditionModel, or SD3's SD3Transformer2DModel) between a frozen VAE and frozen text
+encoders (CLIP; SD3 adds a T5, which may be absent), loaded from a diffusers pipeline folder.
 
-Training follows diffusers' text-to-image LoRA example: images become VAE latents scaled by the
-VAE's scaling factor, captions become `encoder_hidden_states` (and, for SDXL, the pooled
-embedding and the size/crop ids), and the UNet predicts the noise or the velocity. Prompts are
-encoded with the pipeline's own `encode_prompt`, so training conditions the UNet exactly as
-sampling does.
+Training follows diffusers' text-to-image LoRA examples: images become VAE latents shifted and
+scaled by the VAE's factors, captions become `encoder_hidden_states` (and, for SDXL, the pooled
+embedding and the size/crop ids; for SD3, `pooled_projections`), and the denoiser predicts the
+noise or the velocity (SD3: trained by flow matching, [objective] name = "flow-matching").
+Prompts are encoded with the pipeline's own `encode_prompt`, so training conditions the
+denoiser exactly as sampling does.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -18,32 +22,47 @@ from difftool.errors import DifftoolError
 
 
 class LatentDiffusion(torch.nn.Module):
-    """The pipeline's modules; only `unet` is trainable. Calling it runs the UNet."""
+    """The pipeline's modules; only the denoiser is trainable. Calling it runs the denoiser.
+
+    The denoiser is always held as `unet` (so that build.denoiser, adapters and the engine treat
+    every kind alike), whatever the pipeline calls it: `component` is the pipeline's name for it,
+    "transformer" for SD3 and "unet" otherwise."""
 
     def __init__(self, pipeline, source: str):
         super().__init__()
-        self.unet = pipeline.unet
+        components = pipeline.components
+        self.sd3 = components.get("transformer") is not None
+        self.unet = components[self.component]
         self.vae = pipeline.vae.requires_grad_(False).eval()
         self.text_encoder = pipeline.text_encoder.requires_grad_(False).eval()
-        self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
-        if self.text_encoder_2 is not None:
-            self.text_encoder_2.requires_grad_(False).eval()
-        self.xl = self.text_encoder_2 is not None
+        self.text_encoder_2 = components.get("text_encoder_2")
+        self.text_encoder_3 = components.get("text_encoder_3")  # SD3's T5, None where it was left out
+        for encoder in (self.text_encoder_2, self.text_encoder_3):
+            if encoder is not None:
+                encoder.requires_grad_(False).eval()
+        self.xl = self.text_encoder_2 is not None and not self.sd3
         self.source = source  # the folder or hub id it was loaded from
         self.pipeline_class = type(pipeline)
-        self.others = {k: v for k, v in pipeline.components.items() if not isinstance(v, torch.nn.Module)}
+        self.others = {k: v for k, v in components.items() if not isinstance(v, torch.nn.Module)}
+
+    @property
+    def component(self) -> str:
+        """The pipeline's name for the denoiser: "transformer" (SD3) or "unet"."""
+        return "transformer" if self.sd3 else "unet"
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def forward(self, noisy, timesteps, return_dict: bool = False, **conditioning):
+        if self.sd3:  # SD3Transformer2DModel's second positional argument is encoder_hidden_states
+            return self.unet(hidden_states=noisy, timestep=timesteps, return_dict=return_dict, **conditioning)
         return self.unet(noisy, timesteps, return_dict=return_dict, **conditioning)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Keep the frozen encoders in the run's half precision (as diffusers' examples do), the
         VAE too unless its config asks to stay in float32 (SDXL's overflows in fp16)."""
-        frozen = [self.text_encoder, self.text_encoder_2]
+        frozen = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
         if not self.vae.config.get("force_upcast", False):
             frozen.append(self.vae)
         for module in frozen:
@@ -51,17 +70,27 @@ class LatentDiffusion(torch.nn.Module):
                 module.to(dtype=dtype)
 
     def check_image_size(self, image_size: int, where: str) -> None:
-        """The UNet must take the VAE's latents, and halves them once per down block but the
-        last; the VAE halves images once per block but the last."""
-        if self.unet.config.in_channels != self.vae.config.latent_channels:
+        """The denoiser must take the VAE's latents; the VAE halves images once per block but the
+        last. A UNet halves the latents once per down block but the last; SD3's transformer cuts
+        them into patch_size patches, at most pos_embed_max_size of them a side."""
+        config, name = self.unet.config, "transformer" if self.sd3 else "UNet"
+        if config.in_channels != self.vae.config.latent_channels:
             raise DifftoolError(
-                f"[model] the UNet takes {self.unet.config.in_channels} input channels but the VAE gives "
+                f"[model] the {name} takes {config.in_channels} input channels but the VAE gives "
                 f"{self.vae.config.latent_channels}; fine-tune a text-to-image pipeline (an inpainting "
-                "pipeline's UNet also takes the mask and the masked image)")
-        factor = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+                f"pipeline's {name} also takes the mask and the masked image)")
+        if self.sd3:
+            factor = self.vae_scale_factor * config.patch_size
+        else:
+            factor = self.vae_scale_factor * 2 ** (len(config.down_block_types) - 1)
         if image_size % factor:
             raise DifftoolError(f"{where} image_size = {image_size} must be divisible by {factor} for this "
-                                f"VAE and UNet; use {image_size // factor * factor or factor}")
+                                f"VAE and {name}; use {image_size // factor * factor or factor}")
+        most = config.get("pos_embed_max_size") if self.sd3 else None
+        if most and image_size // factor > most:
+            raise DifftoolError(f"{where} image_size = {image_size} makes {image_size // factor} patches a side, and "
+                                f"the transformer's position embeddings cover at most {most}; use at most "
+                                f"{most * factor}")
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -81,10 +110,17 @@ class LatentDiffusion(torch.nn.Module):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], image_size: int) -> dict:
-        """The UNet's text conditioning for each prompt, through the pipeline's `encode_prompt`.
-        For SDXL the size ids say: the whole image, uncropped, at `image_size`."""
+        """The denoiser's text conditioning for each prompt, through the pipeline's `encode_prompt`.
+        For SDXL the size ids say: the whole image, uncropped, at `image_size`. For SD3, the
+        CLIPs' and the T5's token embeddings (zeros where there is no T5) and the pooled CLIP
+        projections, at the pipeline's default max_sequence_length, as sampling has them."""
         device = self.unet.device
         pipeline = self.pipeline()
+        if self.sd3:
+            embeddings, _, pooled, _ = pipeline.encode_prompt(prompts, None, None, device=device,
+                                                              num_images_per_prompt=1,
+                                                              do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
         if not self.xl:
             embeddings, _ = pipeline.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
             return {"encoder_hidden_states": embeddings}
@@ -97,39 +133,57 @@ class LatentDiffusion(torch.nn.Module):
             "text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(prompts), 1)}}
 
     def pipeline(self, unet=None, scheduler=None):
-        """A diffusers pipeline over these modules (another UNet or scheduler if given)."""
-        modules = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": unet or self.unet}
-        if self.xl:
+        """A diffusers pipeline over these modules (another denoiser or scheduler if given)."""
+        modules = {"vae": self.vae, "text_encoder": self.text_encoder, self.component: unet or self.unet}
+        if self.text_encoder_2 is not None:
             modules["text_encoder_2"] = self.text_encoder_2
+        if self.sd3:
+            modules["text_encoder_3"] = self.text_encoder_3
         parts = {**self.others, **modules}
         if scheduler is not None:
             parts["scheduler"] = scheduler
-        extra = {} if self.xl else {"requires_safety_checker": False}
+        accepts = inspect.signature(self.pipeline_class.__init__).parameters
+        extra = {"requires_safety_checker": False} if "requires_safety_checker" in accepts else {}
         pipeline = self.pipeline_class(**parts, **extra)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-
     def save_lora_weights(self, folder: Path) -> None:
-        """Write the UNet's peft LoRA (if it has one) as `pytorch_lora_weights.safetensors`, keys
-        prefixed `unet.`, the file the pipeline's `load_lora_weights(folder)` reads."""
+        """Write the denoiser's peft LoRA (if it has one) as `pytorch_lora_weights.safetensors`,
+        keys prefixed `unet.` (`transformer.` for SD3), the file the pipeline's
+        `load_lora_weights(folder)` reads."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft import get_peft_model_state_dict
 
         configs = getattr(self.unet, "peft_config", None)
         if not configs:
             return
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        layers = get_peft_model_state_dict(self.unet)
+        if not self.sd3:  # SD3's loader takes peft's keys as they are (as diffusers' SD3 LoRA example saves them)
+            layers = convert_state_dict_to_diffusers(layers)
         # the LoraConfig goes along as metadata, so lora_alpha (the scale) survives loading
         metadata = next(iter(configs.values())).to_dict()
-        self.pipeline_class.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+        self.pipeline_class.save_lora_weights(folder, **{f"{self.component}_lora_layers": layers,
+                                                         f"{self.component}_lora_adapter_metadata": metadata})
+
+
+def absent_components(folder: Path) -> dict:
+    """{name: None} for each component a pipeline folder was saved without ([null, null] in its
+    model_index.json: SD3 without its T5, say). diffusers' from_pretrained refuses such a folder
+    unless told that those components are None (only the class's optional ones may be missing)."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: None for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+            and value[:1] == [None]}
 
 
 def load(pipeline_class, pretrained: str, revision: str | None, variant: str | None) -> LatentDiffusion:
     """The pipeline at `pretrained` (a local diffusers folder, else a hub id) as a LatentDiffusion."""
     path = Path(pretrained).expanduser()
     options = {"revision": revision, "variant": variant}
-    if not pipeline_class.__name__.startswith("StableDiffusionXL"):
+    if "requires_safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
         options.update(safety_checker=None, requires_safety_checker=False)
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -137,7 +191,7 @@ def load(pipeline_class, pretrained: str, revision: str | None, variant: str | N
                                 "model_index.json); point it at a folder saved by save_pretrained, such as a "
                                 "downloaded Stable Diffusion snapshot")
         try:
-            pipeline = pipeline_class.from_pretrained(path, **options)
+            pipeline = pipeline_class.from_pretrained(path, **{**absent_components(path), **options})
         except (OSError, ValueError, TypeError) as exc:
             raise DifftoolError(f"[model] could not load {pipeline_class.__name__} from '{pretrained}' "
                                 f"({type(exc).__name__}: {exc}); is it a complete pipeline of that kind?") from exc
@@ -169,3 +223,12 @@ def stable_diffusion_xl(pretrained: str, revision: str | None = None, variant: s
     from diffusers import StableDiffusionXLPipeline
 
     return load(StableDiffusionXLPipeline, pretrained, revision, variant)
+
+
+def stable_diffusion_3(pretrained: str, revision: str | None = None, variant: str | None = None):
+    """Stable Diffusion 3 (StableDiffusion3Pipeline: VAE, two CLIPs, optionally a T5, and an
+    SD3Transformer2DModel) from a local folder or hub id; train it with [objective] name =
+    "flow-matching", on the pipeline's FlowMatchEulerDiscreteScheduler (and its shift)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return load(StableDiffusion3Pipeline, pretrained, revision, variant)

@@ -222,7 +222,7 @@ def load_run(run_dir: Path):
     from diffusers import DiffusionPipeline
 
     from difftool import adapters, build
-    from difftool.latent import LatentDiffusion
+    from difftool.latent import LatentDiffusion, absent_components
 
     if (run_dir / adapters.MARKER).is_file():
         model, training_scheduler = adapters.adapted_model(run_dir)
@@ -238,11 +238,12 @@ def load_run(run_dir: Path):
             raise damaged_output(run_dir, problem)
     try:
         with dit_as_unet():
-            pipeline = DiffusionPipeline.from_pretrained(run_dir)
+            pipeline = DiffusionPipeline.from_pretrained(run_dir, **absent_components(run_dir))
     except Exception as exc:
         raise damaged_output(run_dir, f"its model could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from exc
     latent = LatentDiffusion(pipeline, str(run_dir)) if hasattr(pipeline, "text_encoder") else None
-    return with_classes(run_dir, pipeline.unet, pipeline.scheduler, latent)
+    # a latent model holds its denoiser as `unet` whatever the pipeline calls it (SD3: transformer)
+    return with_classes(run_dir, pipeline.unet if latent is None else latent.unet, pipeline.scheduler, latent)
 
 
 def with_classes(run_dir: Path, unet, training_scheduler, latent):

@@ -46,6 +46,7 @@ def register_models(register):
     register("dit", "difftool.builtins.dit:dit", "diffusers DiTTransformer2DModel (a transformer on image patches, class-conditional by adaLN-Zero), from keyword arguments or `pretrained`")
     register("stable-diffusion", "difftool.latent:stable_diffusion", "Stable Diffusion 1.x/2.x text-to-image (VAE + CLIP + UNet2DConditionModel) from `pretrained`")
     register("stable-diffusion-xl", "difftool.latent:stable_diffusion_xl", "Stable Diffusion XL text-to-image (VAE + two CLIPs + UNet) from `pretrained`")
+    register("stable-diffusion-3", "difftool.latent:stable_diffusion_3", "Stable Diffusion 3 text-to-image (VAE + CLIPs (+ T5) + SD3 transformer, flow matching) from `pretrained`")
 
 
 @hookimpl

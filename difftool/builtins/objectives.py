@@ -42,7 +42,8 @@ class DDPM(Objective):
             return None
         kind = "a flow-matching scheduler" if "shift" in scheduler.config else "not a DDPM-family scheduler"
         return (f"is {kind} (it has no betas, alphas_cumprod), and objective 'ddpm' noises data by them; "
-                "use one of ddpm, ddim, euler, dpm-solver++, ... or set [objective] name = \"flow-matching\"")
+                "set [objective] name = \"flow-matching\" for a flow model, or use a DDPM-family scheduler "
+                "(ddpm, ddim, euler, dpm-solver++, ...)")
 
 
 def ddpm(noise_scheduler):
