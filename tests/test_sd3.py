@@ -6,13 +6,11 @@ recipes/sd3-lora-tiny.toml.
 """
 
 import json
-import tomllib
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli_w
 import torch
 from PIL import Image
 
@@ -21,6 +19,7 @@ from difftool.engine import train
 from difftool.latent import LatentDiffusion, stable_diffusion_3
 from difftool.sampling import load_run
 from difftool.tiny_models import TEXT_WIDTH, write_sd3
+from test_text_to_image import sd_recipe
 
 SD3_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sd3-lora-tiny.toml"
 needs_lora = pytest.mark.skipif(find_spec("difftool_lora") is None, reason="needs the difftool-lora plugin")
@@ -33,25 +32,8 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 def sd3_recipe(tmp_path: Path, pretrained: Path, name: str = "run", **sections) -> Path:
-    """recipes/sd3-lora-tiny.toml pointed at `pretrained` and tmp_path, each given section's keys
-    updated (None removes a key or section); returns the recipe file."""
-    data = tomllib.loads(SD3_RECIPE.read_text())
-    data["run"]["output_dir"] = str(tmp_path / name)
-    data["model"]["pretrained"] = str(pretrained)
-    data["dataset"]["latent_cache_dir"] = str(tmp_path / "latent-cache")
-    for section, keys in sections.items():
-        if keys is None:
-            data.pop(section)
-            continue
-        table = data.setdefault(section, {})
-        for key, value in keys.items():
-            if value is None:
-                table.pop(key, None)
-            else:
-                table[key] = value
-    path = tmp_path / f"{name}.toml"
-    path.write_text(tomli_w.dumps(data))
-    return path
+    """recipes/sd3-lora-tiny.toml pointed at `pretrained` and tmp_path (see test_text_to_image.sd_recipe)."""
+    return sd_recipe(tmp_path, pretrained, name, SD3_RECIPE, **sections)
 
 
 def generate(pipeline):

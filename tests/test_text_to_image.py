@@ -36,10 +36,10 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return write_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), xl=True)
 
 
-def sd_recipe(tmp_path: Path, pretrained: Path, name: str = "run", **sections) -> Path:
-    """recipes/sd-lora-tiny.toml pointed at `pretrained` and tmp_path, each given section's keys
-    updated (None removes a key or section); returns the recipe file."""
-    data = tomllib.loads(TINY_RECIPE.read_text())
+def sd_recipe(tmp_path: Path, pretrained: Path, name: str = "run", source: Path = TINY_RECIPE, **sections) -> Path:
+    """`source` (recipes/sd-lora-tiny.toml) pointed at `pretrained` and tmp_path, each given
+    section's keys updated (None removes a key or section); returns the recipe file."""
+    data = tomllib.loads(source.read_text())
     data["run"]["output_dir"] = str(tmp_path / name)
     data["model"]["pretrained"] = str(pretrained)
     data["dataset"]["latent_cache_dir"] = str(tmp_path / "latent-cache")
