@@ -76,37 +76,7 @@ def flow(args) -> None:
         print(f"<!-- {name}: {time.perf_counter() - started:.0f} s in all -->", flush=True)
 
 
-GUIDED = """
-[run]
-output_dir = "{output_dir}"
-seed = 0
-num_epochs = 100000
-max_steps = {steps}
-save_image_epochs = 100000
-save_model_epochs = 100000
-overwrite_output_dir = true
-log_with = "none"
-
-[dataset]
-name = "folders"
-classes = {{ butterfly = "{butterflies}", emoji = "{emoji}" }}
-max_per_class = 64
-label_column = "label"
-label_dropout = 0.1
-image_size = 32
-batch_size = 16
-
-[noise_scheduler]
-name = "ddpm"
-num_train_timesteps = 1000
-
-[sampling]
-scheduler = "dpm-solver++"
-num_inference_steps = 20
-thresholding = true
-sample_max_value = 1.0
-num_images = 8
-"""
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "butterflies-vs-emoji.toml"
 
 
 def class_images(rows: list[dict], name: str, size: int = 32):
@@ -127,13 +97,12 @@ def guidance(args) -> None:
 
     butterflies, emoji = args.data / "smithsonian-butterflies-64", args.data / "noto-emoji-64"
     folder = args.run
-    if folder is None:  # train one like recipes/butterflies-vs-emoji.toml
-        folder, path = args.out / "guidance", args.out / "guidance.toml"
-        path.write_text(GUIDED.format(output_dir=folder.as_posix(), steps=args.steps, butterflies=butterflies.as_posix(),
-                                      emoji=emoji.as_posix()) + CONFIGS["quickstart"][2]
-                        + '\n[optimizer]\nname = "adamw"\nlr = 1e-3\n\n[lr_schedule]\nname = "cosine"\nnum_warmup_steps = 50\n')
+    if folder is None:  # train recipes/butterflies-vs-emoji.toml for --steps
+        folder = args.out / "guidance"
+        classes = f'{{ butterfly = "{butterflies.as_posix()}", emoji = "{emoji.as_posix()}" }}'
         started = time.perf_counter()
-        train(recipes.load(path))
+        train(recipes.load(RECIPE, [f'run.output_dir="{folder.as_posix()}"', f"run.max_steps={args.steps}",
+                                    'run.log_with="none"', "run.overwrite_output_dir=true", f"dataset.classes={classes}"]))
         print(f"<!-- class-conditional run: {time.perf_counter() - started:.0f} s -->")
     rows = folders({"butterfly": str(butterflies), "emoji": str(emoji)}, max_per_class=64)
     references = {name: class_images(rows, name) for name in ("butterfly", "emoji")}
