@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from difftool import __version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins
 from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
+from difftool.precision import effective
 from difftool.recipe import Recipe, dump
 from difftool.sampling import generate, grid, text_to_image
 from difftool.state import TrainState
@@ -150,7 +151,7 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
     )
     build.check_guidance(recipe, latent is not None, classes)
     if latent is not None:
-        latent.cast_frozen(WEIGHT_DTYPES[accelerator.mixed_precision])
+        latent.cast_frozen(WEIGHT_DTYPES[effective(accelerator.mixed_precision, accelerator.device.type)])
         parts.latent_cache = build.latent_cache(recipe, latent)
     parts.evaluation = evaluation.in_training(recipe, accelerator.device, latent is not None, noise_scheduler, parts.sampler,
                                               classes)
@@ -226,7 +227,7 @@ def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
         log_with=[*([] if run["log_with"] == "none" else [run["log_with"]]), HistoryTracker(output_dir)],
         project_dir=str(output_dir / "logs"),
     )
-    if accelerator.is_main_process and precision == "fp16" and accelerator.device.type == "cpu":
+    if accelerator.is_main_process and effective(precision, accelerator.device.type) != precision:
         console.print("[yellow]mixed_precision = 'fp16' needs a GPU; on this CPU the run is fp32 "
                       "(set run.mixed_precision = 'auto' to use bf16 where the CPU runs it natively)[/]")
     elif accelerator.is_main_process and run["mixed_precision"] == "auto":

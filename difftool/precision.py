@@ -31,3 +31,9 @@ def cpu_bf16_is_faster(size: int = 128, repeats: int = 8) -> bool:
             a @ a
         timings[dtype] = time.perf_counter() - started
     return timings[torch.bfloat16] < timings[torch.float32]
+
+
+def effective(mixed_precision: str, device_type: str) -> str:
+    """The precision a run computes in: fp16 autocast needs a GPU, so on a CPU an fp16 run is
+    fp32 ("no"), and the frozen parts of a text-to-image model stay fp32 with it."""
+    return "no" if mixed_precision == "fp16" and device_type == "cpu" else mixed_precision

@@ -1,6 +1,10 @@
 """The speed levers: mixed_precision = "auto", the uint8 image cache and JPEG draft decoding."""
 
+from importlib.util import find_spec
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -25,6 +29,24 @@ def test_auto_precision_trains_and_runs_in_one_process_may_differ(tiny_recipe, t
     assert "mixed_precision = 'auto':" in capsys.readouterr().err
     for wanted in ("bf16", "no"):
         train(recipes.load(tiny_recipe(output_dir=tmp_path / wanted), [f'run.mixed_precision="{wanted}"', "run.max_steps=1"]))
+
+
+@pytest.mark.skipif(find_spec("difftool_lora") is None, reason="recipes/sd-lora-tiny.toml needs the difftool-lora plugin")
+def test_fp16_on_a_cpu_keeps_a_text_to_image_models_frozen_parts_in_fp32(tmp_path):
+    """The README says an fp16 run on a CPU trains in fp32: its frozen text encoder and VAE too."""
+    from difftool.engine import make_accelerator, prepare
+    from difftool.tiny_models import write_pipeline
+
+    assert precision.effective("fp16", "cpu") == "no" and precision.effective("fp16", "cuda") == "fp16"
+    assert precision.effective("bf16", "cpu") == "bf16"
+    pipeline = write_pipeline(tmp_path / "tiny-sd")
+    recipe = recipes.load(Path(__file__).parents[1] / "recipes" / "sd-lora-tiny.toml", [
+        f'run.output_dir="{(tmp_path / "run").as_posix()}"', f'model.pretrained="{pipeline.as_posix()}"',
+        'run.mixed_precision="fp16"', f'dataset.latent_cache_dir="{(tmp_path / "cache").as_posix()}"'])
+    accelerator = make_accelerator(recipe["run"], tmp_path / "run")
+    parts, _, _ = prepare(recipe, accelerator)
+    assert parts.latent.text_encoder.dtype == torch.float32 and parts.latent.vae.dtype == torch.float32
+    accelerator.end_training()
 
 
 def photos(folder, count=6, size=(768, 512)):
