@@ -83,8 +83,10 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
     from difftool.adapters import check_fusable
     from difftool.evaluation import check_recipe as check_evaluation
     from difftool.evaluation import evaluation_scheduler
+    from difftool.trackers import check_installed as check_tracker
 
     loaded = recipes.load(recipe, set_)
+    check_tracker(loaded["run"]["log_with"], loaded.where("run"))
     classes = None
     if loaded["dataset"]["label_column"] is not None:
         classes = build.class_names(loaded, build.rows(loaded, loaded.kwargs("dataset")))

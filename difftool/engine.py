@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from difftool import __version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins
+from difftool import __version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins, trackers
 from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
-from difftool.precision import effective
+from difftool.precision import effective, resolve
 from difftool.recipe import Recipe, dump
 from difftool.sampling import generate, grid, text_to_image
 from difftool.state import TrainState
@@ -211,8 +211,8 @@ def out_of_memory_message(exc: BaseException, recipe: Recipe, state: TrainState 
 def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
     """The Accelerator of the tutorial, with the recipe's precision, accumulation and tracker."""
     from difftool.history import HistoryTracker
-    from difftool.precision import resolve
 
+    trackers.check_installed(run["log_with"], "[run]")
     precision = resolve(run["mixed_precision"])
     # a second run in one process (tests, notebooks, benchmarks) may want another precision;
     # Accelerate keeps the first unless its state is reset (the process group is kept)
@@ -484,16 +484,14 @@ def end_of_epoch(state: TrainState, parts: Parts, last: bool) -> None:
 
 
 def save_samples(state: TrainState, parts: Parts, model, name: str) -> None:
-    """Sample with the output weights into samples/`name` and the tracker; calls on_samples."""
+    """Sample with the output weights into samples/`name` and every tracker that takes images;
+    calls on_samples."""
     with weights_for_output(state, model):
         images = sample_images(state, parts, model)
     picture = grid(images, rows=len(sampled_classes(state, parts)) if parts.classes is not None else None)
     files.save_image(picture, state.output_dir / "samples" / name, "the sample grid")
-    if state.recipe["run"]["log_with"] == "tensorboard":
-        import numpy as np
-
-        writer = state.accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_image("samples", np.asarray(picture), state.global_step, dataformats="HWC")
+    if state.accelerator.is_main_process:
+        trackers.log_images(state.accelerator, "samples", picture, state.global_step)
     plugins.call("on_samples", state=state, images=images)
 
 
