@@ -299,25 +299,37 @@ def validate(data: dict[str, Any], path: str) -> Recipe:
     if sampling.get("scheduler") is None:
         sampling["scheduler"] = filled["noise_scheduler"].get("name")
     recipe = Recipe(path, filled)
+    # names first, and the keys and values checked so far: a mistake here is reported at once,
+    # before the factories' modules (torch, diffusers: seconds) are imported to check their keys
     for section, table in component_tables(recipe):
         kind, name_key = COMPONENTS[base(section)]
-        if not isinstance(table.get(name_key), str):
-            continue
-        try:
-            entry = registry(kind).get(table[name_key])
-            entry.check(list(recipe.kwargs(section, table)), f"[{section}]", also=SCHEMA[base(section)])
-            recipe.entries[section] = entry
-        except DifftoolError as exc:
-            message = str(exc)
-            problems.append(message if message.startswith("[") else f"[{section}] {message}")
-    problems += check_param_groups(recipe)
+        if isinstance(table.get(name_key), str):
+            try:
+                recipe.entries[section] = registry(kind).get(table[name_key])
+            except DifftoolError as exc:
+                problems.append(f"[{section}] {exc}")
     problems += check_learning_rates(recipe)
-    problems += check_evaluation(recipe)
     problems += check_labels(recipe)
+    refuse(path, problems)
+    for section, table in component_tables(recipe):
+        if section in recipe.entries:
+            try:
+                recipe.entries[section].check(list(recipe.kwargs(section, table)), f"[{section}]",
+                                              also=SCHEMA[base(section)])
+            except DifftoolError as exc:
+                message = str(exc)
+                problems.append(message if message.startswith("[") else f"[{section}] {message}")
+    problems += check_param_groups(recipe)
+    problems += check_evaluation(recipe)
+    refuse(path, problems)
+    return recipe
+
+
+def refuse(path: str, problems: list[str]) -> None:
+    """One error listing every problem found, if there is one."""
     if problems:
         head = f"{path}: " + ("" if len(problems) == 1 else f"{len(problems)} problems:\n  - ")
         raise DifftoolError(head + "\n  - ".join(problems))
-    return recipe
 
 
 def default_scheduler(data: dict[str, Any], filled: dict[str, Any]) -> None:
