@@ -325,6 +325,21 @@ def compare(
         console.print(f"[green]wrote[/] {path}")
 
 
+@app.command()
+def push(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="The output_dir of a finished run."),
+    repo_id: str = typer.Option(..., "--repo-id", help="The Hub model repository, NAMESPACE/NAME (created if it does not exist)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private (an existing one keeps its visibility)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded (paths and sizes); write and upload nothing."),
+    with_logs: bool = typer.Option(False, "--with-logs", help="Also upload logs/ (TensorBoard logs: the Hub shows them as training metrics)."),
+) -> None:
+    """Upload a finished run (model, model card, recipe, samples, metrics; not its checkpoints)
+    to the Hugging Face Hub in one commit; a run without a model card gets one first."""
+    from difftool.hub import push as push_run
+
+    push_run(run_dir, repo_id, private, dry_run, with_logs, report=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors as one message and a non-zero exit, tracebacks only with --debug.
 

@@ -501,7 +501,10 @@ def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
     (DDPMPipeline, or the latent model's own) by save_pretrained, with the raw weights in
     unet_raw/. A latent model's LoRA is also saved as pytorch_lora_weights.safetensors, which
     the diffusers pipeline's `load_lora_weights(folder)` loads. The run's recipe.toml goes with
-    them, so that the recipe beside a model is always the one that made it."""
+    them, so that the recipe beside a model is always the one that made it, and so does the
+    model card, README.md (difftool.card), written last from the recipe and what was saved."""
+    from difftool import card
+
     (folder / files.RECIPE).write_text(parts.recipe_text)
     if parts.classes is not None:
         conditioning.write_names(folder, parts.classes)
@@ -516,6 +519,7 @@ def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
         if not parts.adapters or state.recipe["run"]["fuse_adapters"]:
             output_unet = adapters.fused(parts.adapters, unet) if parts.adapters else unet
             pipeline(parts, output_unet, parts.noise_scheduler).save_pretrained(folder)
+    card.write(folder, state)
 
 
 def pipeline(parts: Parts, unet, scheduler):
