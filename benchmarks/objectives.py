@@ -92,8 +92,9 @@ def guidance(args) -> None:
     from difftool.builtins.swd import swd
     from difftool.engine import train
     from difftool.evaluation import to_uint8
-    from difftool.sampling import generate, load_run, sampling_scheduler, saved_recipe
     from difftool.plugins import registry
+    from difftool.runs import load_run, saved_recipe
+    from difftool.sampling import generate, sampling_scheduler
 
     butterflies, emoji = args.data / "smithsonian-butterflies-64", args.data / "noto-emoji-64"
     folder = args.run

@@ -3,7 +3,8 @@
 An adapter factory adds trainable weights to the model in place (freezing what should stay
 frozen) and returns an `Adapter`, which knows how to save, reload and fuse those weights.
 An adapted run saves only the adapters, each in `adapters/{index}-{name}/`, and then
-`adapters.json` (its finished marker); the frozen base is the one its recipe names.
+`adapters.json` (its finished marker); the frozen base is the one its recipe names
+(difftool.runs rebuilds it to load a finished run).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ MARKER = "adapters.json"
 WEIGHTS = "adapter_weights.safetensors"
 
 
+def trainable_state(model) -> dict:
+    """The model's trainable weights by name, on the CPU, ready for safetensors."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 class Adapter:
     """What an adapter factory returns. The defaults save and reload the model's trainable
     parameters, which suits one adapter per model; subclasses give their own file layout,
@@ -25,8 +31,6 @@ class Adapter:
     def save(self, model, folder: Path) -> None:
         """Write this adapter's weights into the (existing, empty) `folder`."""
         from safetensors.torch import save_file
-
-        from difftool.checkpoints import trainable_state
 
         save_file(trainable_state(model), str(folder / WEIGHTS))
 
@@ -87,27 +91,6 @@ def load(adapters: list[Adapter], model, recipe, run_dir: Path) -> None:
         except Exception as exc:
             problem = weights_problem(run_dir / name) or f"{type(exc).__name__}: {str(exc)[:300]}"
             raise damaged_output(run_dir / name, f"the adapter could not be loaded: {problem}") from exc
-
-
-def adapted_model(run_dir: Path):
-    """A finished adapted run's model (the base its recipe names, with the run's adapters
-    loaded) and its noise scheduler."""
-    from difftool import build
-    from difftool import recipe as recipes
-
-    recipe = recipes.load(run_dir / "recipe.toml")
-    from difftool.integrity import damaged_output
-
-    try:
-        folder = json.loads((run_dir / MARKER).read_text()).get("base_model_folder")
-    except (ValueError, AttributeError) as exc:
-        raise damaged_output(run_dir, f"its {MARKER} is damaged ({exc})") from exc
-    pretrained = recipe["model"].get("pretrained")
-    if folder and pretrained and not Path(pretrained).expanduser().exists():  # a relative path, from elsewhere
-        recipe["model"]["pretrained"] = folder
-    model = build.model(recipe)
-    load(build.adapters(recipe, model), build.denoiser(model), recipe, run_dir)
-    return model, build.noise_scheduler(recipe, model)
 
 
 def fused(adapters: list[Adapter], model):

@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 
 from difftool import integrity
+from difftool.adapters import trainable_state
 from difftool.errors import DifftoolError
 from difftool.files import RECIPE, replace_dir, usual_modes, writing
 
@@ -159,11 +160,6 @@ def discard(output_dir: Path) -> int:
     found = complete(output_dir)
     shutil.rmtree(folder(output_dir), ignore_errors=True)
     return len(found)
-
-
-def trainable_state(model) -> dict:
-    """The model's trainable weights by name, on the CPU, ready for safetensors."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_only_trainable(accelerator) -> None:

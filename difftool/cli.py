@@ -217,7 +217,8 @@ def sample(
     """Generate a grid of images from a finished run with any registered scheduler; text-to-image
     runs take a prompt and guidance, and inpaint with --image and --mask; class-conditional runs
     take --class and guidance."""
-    from difftool.sampling import Prompting, sample_run
+    from difftool.runs import sample_run
+    from difftool.sampling import Prompting
 
     prompting = Prompting(prompt, negative_prompt, guidance_scale, image, mask, strength, refiner, denoising_end, classes)
     path = sample_run(run_dir, scheduler, steps, num_images, seed, out, overwrite, prompting)

@@ -390,7 +390,8 @@ def evaluate_run(run_dir: Path, asked: Asked, report=None) -> tuple[dict[str, fl
     from difftool import recipe as recipes
     from difftool.conditioning import read_names
     from difftool.plugins import registry
-    from difftool.sampling import check_scheduler, load_run, sampling_scheduler, saved_recipe
+    from difftool.runs import check_scheduler, load_run, saved_recipe
+    from difftool.sampling import sampling_scheduler
 
     saved = saved_recipe(run_dir)
     if not saved:

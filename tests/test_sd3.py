@@ -17,7 +17,7 @@ from PIL import Image
 from difftool import recipe as recipes
 from difftool.engine import train
 from difftool.latent import LatentDiffusion, stable_diffusion_3
-from difftool.sampling import load_run
+from difftool.runs import load_run
 from difftool.tiny_models import TEXT_WIDTH, write_sd3
 from test_text_to_image import sd_recipe
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("difftool_lora", reason="pip install -e plugins/difftool-lora")
 
 import difftool  # noqa: E402
-from difftool import adapters, build  # noqa: E402
+from difftool import build, runs  # noqa: E402
 from difftool import recipe as recipes  # noqa: E402
 from difftool.engine import train  # noqa: E402
 from difftool.testing import TINY_RECIPE  # noqa: E402
@@ -79,7 +79,7 @@ def test_saved_adapter_loads_back_to_identical_outputs_and_fuses(base, tmp_path,
     final = plugin(FinalWeights(), "final-weights")
     run = train(recipes.load(lora_recipe(tmp_path, base, 'r = 4\ninit_lora_weights = "gaussian"'),
                              ["run.max_steps=2", "run.fuse_adapters=true"]))
-    trained, _ = adapters.adapted_model(run)
+    trained, _ = runs.adapted_model(run)
     assert all(torch.equal(trained.state_dict()[k], v) for k, v in final.weights.items())
 
     from diffusers import DDPMPipeline
