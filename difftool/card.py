@@ -161,40 +161,22 @@ def last_grid(run_dir: Path) -> str | None:
 
 def last_line(path: Path, key: str) -> dict | None:
     """The last whole JSON line of a log that has `key` (a line cut short by a crash is skipped)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    for line in reversed(lines):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and key in value:
-            return value
-    return None
+    from difftool.files import json_lines
+
+    return next((line for line in reversed(json_lines(path)) if key in line), None)
 
 
 def history(run_dir: Path) -> tuple[int | None, int | None]:
     """(the last step logged, the processes of the last session) from logs/history.jsonl."""
+    from difftool.files import json_lines
     from difftool.history import FILE
 
     steps = processes = None
-    try:
-        with open(Path(run_dir) / FILE, encoding="utf-8") as lines:
-            for line in lines:
-                try:
-                    value = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(value, dict):
-                    continue
-                if value.get("event") == "start":
-                    processes = value.get("num_processes")
-                elif isinstance(value.get("step"), int):
-                    steps = value["step"]
-    except (OSError, UnicodeDecodeError):
-        pass
+    for value in json_lines(Path(run_dir) / FILE):
+        if value.get("event") == "start":
+            processes = value.get("num_processes")
+        elif isinstance(value.get("step"), int):
+            steps = value["step"]
     return steps, processes
 
 

@@ -173,24 +173,6 @@ def read_recipe(folder: Path) -> dict[str, Any]:
     return flatten(data)
 
 
-def json_lines(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file ([] if there is none); lines that do not parse (the
-    last one of a killed run) are skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
-    lines = []
-    for raw in text.splitlines():
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(line, dict):
-            lines.append(line)
-    return lines
-
-
 def read_history(folder: Path) -> History | None:
     """The run's history, or None where it has none (yet). A resumed session's first step drops
     what earlier sessions logged beyond it (trained again); a session that starts afresh (its
@@ -200,7 +182,7 @@ def read_history(folder: Path) -> History | None:
         return None
     history = History()
     stepped = True  # whether the current session has logged a step yet
-    for line in json_lines(folder / HISTORY):
+    for line in files.json_lines(folder / HISTORY):
         when = number(line.get("time"))
         if line.get("event") == "start":
             processes = line.get("num_processes")
@@ -269,7 +251,7 @@ def images_per_second(run: Run) -> float | None:
 
 def read_run(folder: Path, last: int) -> Run:
     """A run folder's recipe and numbers; what it lacks (no history yet, no metrics) is None."""
-    run = Run(folder, read_recipe(folder), read_history(folder), json_lines(folder / METRICS))
+    run = Run(folder, read_recipe(folder), read_history(folder), files.json_lines(folder / METRICS))
     run.metrics = last_evaluation(folder, run.evaluations)
     losses = [value for _, value in run.history.series(LOSS)] if run.history else []
     val_losses = [value for _, value in run.history.series(VAL_LOSS)] if run.history else []

@@ -145,6 +145,26 @@ def write_text(path: Path, text: str, what: str = "a file") -> None:
         tmp.write_text(text)
 
 
+def json_lines(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file ([] if there is none); lines that do not parse (the
+    last one of a killed run) are skipped."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    lines = []
+    for raw in text.splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines
+
+
 def append_line(path: Path, line: str, what: str = "a log") -> None:
     """Append one line to a text file (a log: each line is whole or, after a crash, the last
     may be cut short, which its readers skip)."""
