@@ -121,6 +121,10 @@ def guided(model, sample, timestep, labels, guidance_scale: float, null: int):
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
-def rows_of(labels: list[int], per_class: int) -> list[int]:
-    """One row of `per_class` samples for each label, in order."""
-    return [label for label in labels for _ in range(per_class)]
+def grid_labels(labels: list[int], num_images: int):
+    """The labels of a sample grid with one row for each of `labels`, in order: `num_images`
+    shared between them (at least one each), as an int64 tensor."""
+    import torch
+
+    per_class = max(1, num_images // len(labels))
+    return torch.tensor([label for label in labels for _ in range(per_class)])

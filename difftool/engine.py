@@ -555,10 +555,8 @@ def sample_images(state: TrainState, parts: Parts, model) -> list:
                                sampling["negative_prompt"], conditioning.guidance(sampling["guidance_scale"], True),
                                **settings)
     elif parts.classes is not None:
-        labels = sampled_classes(state, parts)
-        per_class = max(1, settings.pop("num_images") // len(labels))
-        images = generate(unet, parts.sampler, num_images=per_class * len(labels), device=state.accelerator.device,
-                          labels=torch.tensor(conditioning.rows_of(labels, per_class)),
+        labels = conditioning.grid_labels(sampled_classes(state, parts), settings.pop("num_images"))
+        images = generate(unet, parts.sampler, num_images=len(labels), device=state.accelerator.device, labels=labels,
                           guidance_scale=conditioning.guidance(sampling["guidance_scale"], False,
                                                                bool(state.recipe["dataset"]["label_dropout"])),
                           null_label=len(parts.classes), **settings)

@@ -136,11 +136,10 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
                seed: int | None, out: Path | None, overwrite: bool, prompting: Prompting | None = None) -> Path:
     """Generate a grid from a finished run's pipeline; what is not given comes from its recipe.
     A text-to-image run samples `prompting`'s prompt with classifier-free guidance, or inpaints."""
-    import torch
     from accelerate import PartialState
     from PIL import Image
 
-    from difftool.conditioning import check_guidance, guidance, indices, read_names, rows_of
+    from difftool.conditioning import check_guidance, grid_labels, guidance, indices, read_names
     from difftool.files import save_image
     from difftool.plugins import registry
     from difftool.recipe import SCHEMA
@@ -190,9 +189,8 @@ def sample_run(run_dir: Path, scheduler: str | None, steps: int | None, num_imag
         dropout = saved.get("dataset", {}).get("label_dropout", 0.0)
         scale = first(prompting.guidance_scale, sampling.get("guidance_scale"), None)
         check_guidance(scale, dropout, "--guidance-scale" if prompting.guidance_scale is not None else "[sampling]")
-        per_class, rows = max(1, num_images // len(labels)), len(labels)
-        images = generate(unet, chosen, per_class * rows, steps, seed, image_size, device,
-                          labels=torch.tensor(rows_of(labels, per_class)), null_label=len(names),
+        rows, labels = len(labels), grid_labels(labels, num_images)
+        images = generate(unet, chosen, len(labels), steps, seed, image_size, device, labels=labels, null_label=len(names),
                           guidance_scale=guidance(scale, False, bool(dropout)))
     else:
         latent.to(device)
