@@ -166,9 +166,17 @@ def save_only_trainable(accelerator) -> None:
     """Make checkpoints of a mostly frozen model (e.g. with adapters) hold only its trainable weights.
 
     Accelerate saves whole models; these hooks replace that for models with frozen parameters,
-    which are rebuilt from the recipe on resume.
+    which are rebuilt from the recipe on resume. Under DeepSpeed (and FSDP) Accelerate hands the
+    model to DeepSpeed's own checkpointing, every process writing its part, so no hook is added:
+    such checkpoints hold the whole model, frozen parts included, and the manifest lists every
+    process's files.
     """
     from safetensors.torch import load_file, save_file
+
+    from difftool.sharding import saves_own_state
+
+    if saves_own_state(accelerator):
+        return
 
     def frozen(model) -> bool:
         return any(not p.requires_grad for p in model.parameters())

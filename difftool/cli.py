@@ -85,8 +85,11 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
     from difftool.evaluation import evaluation_scheduler
     from difftool.trackers import check_installed as check_tracker
 
+    from difftool.sharding import check_launch
+
     loaded = recipes.load(recipe, set_)
     check_tracker(loaded["run"]["log_with"], loaded.where("run"))
+    check_launch()  # an FSDP or DeepSpeed launch that run would refuse
     classes = None
     if loaded["dataset"]["label_column"] is not None:
         classes = build.class_names(loaded, build.rows(loaded, loaded.kwargs("dataset")))

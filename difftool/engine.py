@@ -122,6 +122,9 @@ def train(recipe: Recipe, force: bool = False) -> Path:
 def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState, Plan]:
     """Build every component of the recipe and the run's state, ready to train or resume."""
     run = recipe["run"]
+    from difftool import sharding
+
+    sharding.check(recipe, accelerator)  # FSDP and DeepSpeed: refused, or configured before anything is prepared
     set_seed(run["seed"])
     train_rows, validation_rows = build.datasets(recipe)  # first: a class-conditional model needs its classes
     classes = build.class_names(recipe, train_rows)
@@ -210,9 +213,12 @@ def out_of_memory_message(exc: BaseException, recipe: Recipe, state: TrainState 
 
 def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
     """The Accelerator of the tutorial, with the recipe's precision, accumulation and tracker."""
+    from difftool import sharding
     from difftool.history import HistoryTracker
 
     trackers.check_installed(run["log_with"], "[run]")
+    # before the Accelerator: on a CPU it would quietly drop an FSDP or DeepSpeed config
+    sharding.check_launch()
     precision = resolve(run["mixed_precision"])
     # a second run in one process (tests, notebooks, benchmarks) may want another precision;
     # Accelerate keeps the first unless its state is reset (the process group is kept)
