@@ -36,6 +36,6 @@ $(VENV)/.stamp-torch: | $(VENV)/bin/python
 	$(PIP) "$(TORCH)"
 	touch $@
 
-$(VENV)/.stamp-install: $(VENV)/.stamp-torch pyproject.toml plugins/difftool-lora/pyproject.toml plugins/difftool-attention/pyproject.toml
-	$(PIP) -e ".[test]" -e plugins/difftool-lora -e plugins/difftool-attention
+$(VENV)/.stamp-install: $(VENV)/.stamp-torch pyproject.toml plugins/difftool-lora/pyproject.toml plugins/difftool-attention/pyproject.toml plugins/difftool-optimizers/pyproject.toml
+	$(PIP) -e ".[test]" -e plugins/difftool-lora -e plugins/difftool-attention -e plugins/difftool-optimizers
 	touch $@

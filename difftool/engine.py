@@ -162,6 +162,8 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
                                        parts.evaluation.scheduler if parts.evaluation is not None else None)
     build.check_objective(recipe, trained, schedulers, parts.timestep_sampler, parts.loss_weighting)
     optimizer = build.optimizer(recipe, model)
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()  # one with train and eval modes steps in train mode (hookspecs.register_optimizers)
     plan = make_plan(recipe, len(parts.loader))
     lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -399,7 +401,9 @@ def after_step(state: TrainState, parts: Parts) -> None:
 
 
 def checkpoint(state: TrainState, parts: Parts) -> Path:
-    """Save the training state as checkpoint-{global_step} (all processes call it)."""
+    """Save the training state as checkpoint-{global_step} (all processes call it). Never inside
+    weights_for_output: an optimizer with train and eval modes is in train mode here, so the
+    checkpoint holds the weights and state that training goes on from."""
     path = checkpoints.save(state.accelerator, state.output_dir, state.global_step,
                             parts.recipe_text, state.recipe["run"]["checkpoints_total_limit"])
     parts.saved_step = state.global_step
@@ -409,14 +413,15 @@ def checkpoint(state: TrainState, parts: Parts) -> Path:
 
 def validate(state: TrainState, parts: Parts) -> None:
     """Mean loss over the first num_batches held-out batches, with noise and timesteps fixed by
-    the batch index, so every evaluation measures the same thing."""
+    the batch index, so every evaluation measures the same thing. The weights are the trained
+    ones (not the EMA's), with the optimizer in eval mode where it has one (optimizer_eval_mode)."""
     accelerator, settings = state.accelerator, state.recipe["objective"]
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(state.model)
         trained = parts.objective
         model.eval()
         losses = []
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), optimizer_eval_mode(state.optimizer):
             for index, batch in zip(range(state.recipe["validation"]["num_batches"]), parts.validation):
                 batch = {**batch, "images": batch["images"].to(accelerator.device)}
                 generator = torch.Generator().manual_seed(index)
@@ -516,7 +521,8 @@ def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
         conditioning.write_names(folder, parts.classes)
     unet = build.denoiser(model)
     if state.ema is not None and not parts.adapters:
-        unet.save_pretrained(folder / "unet_raw")
+        with optimizer_eval_mode(state.optimizer):  # the weights without the EMA's average
+            unet.save_pretrained(folder / "unet_raw")
     with weights_for_output(state, model):
         if parts.adapters:
             adapters.save(parts.adapters, unet, state.recipe, folder)
@@ -537,9 +543,40 @@ def pipeline(parts: Parts, unet, scheduler):
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
+@contextlib.contextmanager
 def weights_for_output(state: TrainState, model):
-    """The EMA weights swapped into `model` when [ema] is enabled, else the weights as they are."""
-    return state.ema.swapped_in(model) if state.ema is not None else contextlib.nullcontext(model)
+    """Within the block, `model` holds the weights the run outputs: the optimizer's evaluation
+    weights where it has train and eval modes (optimizer_eval_mode), and over them the EMA
+    weights when [ema] is enabled. Afterwards, the training weights exactly as they were."""
+    with optimizer_eval_mode(state.optimizer):
+        with state.ema.swapped_in(model) if state.ema is not None else contextlib.nullcontext(model):
+            yield model
+
+
+@contextlib.contextmanager
+def optimizer_eval_mode(optimizer):
+    """Within the block, an optimizer that has `train()` and `eval()` methods (a schedule-free one
+    trains at other weights than those it evaluates at) is in eval mode, the parameters holding
+    its evaluation weights. Afterwards it is back in train mode, and the parameters are put back
+    bit for bit (eval then train may round), so that sampling, validation, evaluation and saving
+    never change the training. Other optimizers are left alone. Checkpoints are saved outside
+    such a block, in train mode: the state training goes on from, so resuming is exact."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+    if not (callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))):
+        yield
+        return
+    parameters = [p for group in inner.param_groups for p in group["params"]]
+    training = [p.detach().to("cpu", copy=True) for p in parameters]  # off the GPU, as the EMA's store
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
+        with torch.no_grad():
+            for parameter, kept in zip(parameters, training):
+                parameter.copy_(kept)
 
 
 def sample_images(state: TrainState, parts: Parts, model) -> list:

@@ -54,7 +54,16 @@ def register_lr_schedules(register):
 @hookspec
 def register_optimizers(register):
     """Register optimizers. Factory context: `params` (parameter groups). Returns a torch
-    optimizer; recipe keys other than `param_groups` are its keyword arguments."""
+    optimizer; recipe keys other than `param_groups` are its keyword arguments.
+
+    An optimizer with `train()` and `eval()` methods (a schedule-free one keeps other weights for
+    evaluation than for training) is returned in train mode, and the engine calls `train()` again
+    before the first step. The engine switches it to eval mode
+    for sampling, validation, evaluation and saving the output model (the EMA weights, if on, go
+    over the eval weights), then back to train mode, restoring the training weights bit for bit
+    (difftool.engine.optimizer_eval_mode). Checkpoints are saved in train mode, so the model and
+    optimizer state in them are those training goes on from, and resuming is exact.
+    """
 
 
 @hookspec

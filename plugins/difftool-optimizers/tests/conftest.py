@@ -1,0 +1,1 @@
+from difftool.testing import cli, plugin, tiny_recipe  # noqa: F401 (fixtures)
