@@ -131,7 +131,7 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="models, sch
             raise DifftoolError(f"unknown kind '{kind}'{suggest(kind, KINDS)}; kinds: {', '.join(KINDS)}")
         table = Table("name", "description", "plugin", title=matches[0])
         for name, entry in registries()[matches[0]].visible():
-            table.add_row(name, entry.description, entry.plugin)
+            table.add_row(name, escape(entry.description or ""), entry.plugin)
     console.print(table)
     report_failures()
 

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from difftool import __version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins, trackers
 from difftool.data import random_flip
 from difftool.errors import DifftoolError, Interrupted
-from difftool.precision import effective, resolve
+from difftool.precision import effective, resolve, tf32
 from difftool.recipe import Recipe, dump
 from difftool.sampling import generate, grid, text_to_image
 from difftool.state import TrainState
@@ -61,6 +61,7 @@ class Parts:
     classes: list | None = None  # the class names of a class-conditional run, else None
     saved_step: int | None = None  # the step of the newest checkpoint saved (or resumed from)
     done: bool = False  # the last epoch's saves are done
+    compiled: object = None  # run.compile: torch.compile of the prepared model, for training steps only
 
 
 def train(recipe: Recipe, force: bool = False) -> Path:
@@ -78,6 +79,7 @@ def train(recipe: Recipe, force: bool = False) -> Path:
     state = parts = None
     try:
         with contextlib.ExitStack() as held:
+            held.enter_context(tf32(run["allow_tf32"]))
             parts, state, plan = prepare(recipe, accelerator)
             if accelerator.is_main_process:
                 held.enter_context(lock.hold(output_dir, recipe.where("run")))
@@ -167,6 +169,9 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
     plan = make_plan(recipe, len(parts.loader))
     lr_schedule = build.lr_schedule(recipe, optimizer, plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # sampling, validation and saving use the model as it is: in eval mode and without
+    # gradients a compiled one would compile again, for a few calls each
+    parts.compiled = torch.compile(model) if run["compile"] else None
     ema = build.ema(recipe, accelerator.unwrap_model(model))  # on the device the model is on now
     set_seed(run["seed"], device_specific=True)  # each process its own noise, timesteps and flips
     state = TrainState(recipe, accelerator, model, optimizer, lr_schedule, Path(run["output_dir"]), ema)
@@ -322,7 +327,8 @@ def train_step(state: TrainState, parts: Parts, batch: dict) -> bool:
     times = trained.times(parts.timestep_sampler, clean.shape[0], clean.device)
     noise, noisy = trained.add_noise(clean, times, settings["noise_offset"])
     with accelerator.accumulate(model):
-        loss = trained.compute_loss(model, clean, noise, noisy, times, settings, parts.loss_weighting, keywords)
+        forward = model if parts.compiled is None else parts.compiled
+        loss = trained.compute_loss(forward, clean, noise, noisy, times, settings, parts.loss_weighting, keywords)
         value = loss.detach().item()  # the one device sync of the step
         if finite_everywhere(accelerator, value):
             accelerator.backward(loss)

@@ -100,3 +100,51 @@ def test_training_with_and_without_the_cache_is_identical(tiny_recipe, tmp_path)
         output_dir = train(recipes.load(tiny_recipe(output_dir=tmp_path / cache), [f"dataset.cache={cache}", "run.max_steps=3"]))
         weights.append((output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
     assert weights[0] == weights[1]
+
+
+class StepLosses:
+    """A plugin that keeps every optimizer step's loss and whether TF32 matmuls were on."""
+
+    def __init__(self):
+        self.losses, self.tf32 = [], []
+
+    @__import__("difftool").hookimpl
+    def on_step_end(self, state):
+        self.losses.append(state.loss)
+        self.tf32.append(precision.tf32_on())
+
+
+def test_compile_trains_the_same_model_and_saves_a_plain_pipeline(tiny_recipe, tmp_path, plugin, monkeypatch):
+    """run.compile compiles the training steps only: the losses match eager ones to compiler
+    rounding, and the saved pipeline is the plain model (no torch.compile wrapper in its keys).
+    Dynamo traces and guards the step as with the default backend, which then compiles the
+    graph with inductor; that takes minutes on 2 cores, so here the graph runs as traced
+    (backend "eager"), and benchmarks/compile.py measures inductor."""
+    import functools
+
+    from diffusers import UNet2DModel
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    losses = {}
+    for compiled in (False, True):
+        log = plugin(StepLosses(), f"losses-{compiled}")
+        out = tmp_path / f"run-{compiled}"
+        train(recipes.load(tiny_recipe(output_dir=out), [f"run.compile={str(compiled).lower()}", "run.max_steps=3"]))
+        losses[compiled] = list(log.losses)
+        saved = UNet2DModel.from_pretrained(out / "unet")
+        assert not any("_orig_mod" in key for key in saved.state_dict())
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_allow_tf32_is_on_for_the_run_only_and_changes_nothing_on_a_cpu(tiny_recipe, tmp_path, plugin):
+    before = precision.tf32_on()
+    losses = {}
+    for allowed in (False, True):
+        log = plugin(StepLosses(), f"tf32-{allowed}")
+        train(recipes.load(tiny_recipe(output_dir=tmp_path / str(allowed)),
+                           [f"run.allow_tf32={str(allowed).lower()}", "run.max_steps=2"]))
+        assert log.tf32[-2:] == [allowed, allowed]
+        losses[allowed] = log.losses[-2:]
+    assert precision.tf32_on() == before
+    assert losses[True] == losses[False]  # CPUs have no TF32
