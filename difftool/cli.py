@@ -95,6 +95,7 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
         classes = build.class_names(loaded, build.rows(loaded, loaded.kwargs("dataset")))
     model = build.model(loaded, num_classes=None if classes is None else len(classes))
     applied = build.adapters(loaded, model)
+    build.gradient_checkpointing(loaded, model)
     if loaded["run"]["fuse_adapters"]:
         check_fusable(applied, loaded)
     noise_scheduler = build.noise_scheduler(loaded, model)

@@ -136,6 +136,7 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
     if captions:
         build.check_captions(recipe, train_rows)
     applied = build.adapters(recipe, model)
+    build.gradient_checkpointing(recipe, model)
     if run["fuse_adapters"]:
         adapters.check_fusable(applied, recipe)
     noise_scheduler = build.noise_scheduler(recipe, model)
@@ -158,6 +159,7 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
     if latent is not None:
         latent.cast_frozen(WEIGHT_DTYPES[effective(accelerator.mixed_precision, accelerator.device.type)])
         parts.latent_cache = build.latent_cache(recipe, latent)
+        latent.text_cache = build.text_cache(recipe, latent)  # encode_prompts reads through it
     parts.evaluation = evaluation.in_training(recipe, accelerator.device, latent is not None, noise_scheduler, parts.sampler,
                                               classes)
     schedulers = build.scheduler_roles(model, noise_scheduler, parts.sampler,

@@ -44,6 +44,15 @@ class LatentDiffusion(torch.nn.Module):
         self.source = source  # the folder or hub id it was loaded from
         self.pipeline_class = type(pipeline)
         self.others = {k: v for k, v in components.items() if not isinstance(v, torch.nn.Module)}
+        self.text_cache = None  # a difftool.latent_cache.TextCache that encode_prompts reads through, if set
+
+    def text_encoders(self) -> list:
+        """The frozen text encoders, None where the pipeline has none (SD's second and third)."""
+        return [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
+
+    def tokenizers(self) -> list:
+        """Their tokenizers, None where the pipeline has none."""
+        return [self.others.get(name) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
 
     @property
     def component(self) -> str:
@@ -113,24 +122,50 @@ class LatentDiffusion(torch.nn.Module):
         """The denoiser's text conditioning for each prompt, through the pipeline's `encode_prompt`.
         For SDXL the size ids say: the whole image, uncropped, at `image_size`. For SD3, the
         CLIPs' and the T5's token embeddings (zeros where there is no T5) and the pooled CLIP
-        projections, at the pipeline's default max_sequence_length, as sampling has them."""
+        projections, at the pipeline's default max_sequence_length, as sampling has them.
+
+        Each distinct prompt is encoded on its own (`encode_each`), read from the text cache
+        where one is set: batched, the encoders' matmuls round a prompt's embedding differently
+        with the other prompts of the batch (by 1e-7 on a CPU), and a cached embedding could not
+        then be the one encoding each step gives. So training is bit-identical with and
+        without the cache, and a caption is conditioned on the same bits whatever its batch."""
+        distinct = list(dict.fromkeys(prompts))
+        encoded = self.text_cache.encode(distinct, self.encode_each) if self.text_cache else self.encode_each(distinct)
+        by_prompt = dict(zip(distinct, encoded))
+        device = self.unet.device
+        text = {name: torch.stack([by_prompt[p][name] for p in prompts]).to(device) for name in encoded[0]}
+        if not self.xl:
+            return text
+        size = (image_size, image_size)  # SDXL's size and crop ids: computed per batch, never cached
+        embeddings = text["encoder_hidden_states"]
+        time_ids = self.pipeline()._get_add_time_ids(size, (0, 0), size, dtype=embeddings.dtype,
+                                                     text_encoder_projection_dim=self.text_encoder_2.config.projection_dim)
+        return {"encoder_hidden_states": embeddings, "added_cond_kwargs": {
+            "text_embeds": text["text_embeds"], "time_ids": time_ids.to(device).repeat(len(prompts), 1)}}
+
+    @torch.no_grad()
+    def encode_each(self, prompts: list[str]) -> list[dict]:
+        """{name: tensor} for each prompt, encoded on its own by the pipeline's `encode_prompt`:
+        `encoder_hidden_states`, and the pooled embedding (SDXL: `text_embeds`; SD3:
+        `pooled_projections`), without the batch dimension."""
         device = self.unet.device
         pipeline = self.pipeline()
-        if self.sd3:
-            embeddings, _, pooled, _ = pipeline.encode_prompt(prompts, None, None, device=device,
-                                                              num_images_per_prompt=1,
-                                                              do_classifier_free_guidance=False)
-            return {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
-        if not self.xl:
-            embeddings, _ = pipeline.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
-            return {"encoder_hidden_states": embeddings}
-        embeddings, _, pooled, _ = pipeline.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=False)
-        size = (image_size, image_size)
-        time_ids = pipeline._get_add_time_ids(size, (0, 0), size, dtype=embeddings.dtype,
-                                              text_encoder_projection_dim=self.text_encoder_2.config.projection_dim)
-        return {"encoder_hidden_states": embeddings, "added_cond_kwargs": {
-            "text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(prompts), 1)}}
+        encoded = []
+        for prompt in prompts:
+            if self.sd3:
+                embeddings, _, pooled, _ = pipeline.encode_prompt([prompt], None, None, device=device,
+                                                                  num_images_per_prompt=1,
+                                                                  do_classifier_free_guidance=False)
+                one = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
+            elif self.xl:
+                embeddings, _, pooled, _ = pipeline.encode_prompt([prompt], device=device, num_images_per_prompt=1,
+                                                                  do_classifier_free_guidance=False)
+                one = {"encoder_hidden_states": embeddings, "text_embeds": pooled}
+            else:
+                embeddings, _ = pipeline.encode_prompt([prompt], device, 1, do_classifier_free_guidance=False)
+                one = {"encoder_hidden_states": embeddings}
+            encoded.append({name: tensor[0] for name, tensor in one.items()})
+        return encoded
 
     def pipeline(self, unet=None, scheduler=None):
         """A diffusers pipeline over these modules (another denoiser or scheduler if given)."""
@@ -179,7 +214,33 @@ def absent_components(folder: Path) -> dict:
             and value[:1] == [None]}
 
 
-def load(pipeline_class, pretrained: str, revision: str | None, variant: str | None) -> LatentDiffusion:
+def load(pipeline_class, pretrained: str, revision: str | None, variant: str | None, vae_slicing: bool = False,
+         vae_tiling: bool = False) -> LatentDiffusion:
+    """The pipeline at `pretrained` (a local diffusers folder, else a hub id) as a LatentDiffusion,
+    its VAE slicing and tiling set (`vae_memory`)."""
+    latent = load_pipeline(pipeline_class, pretrained, revision, variant)
+    vae_memory(latent.vae, vae_slicing, vae_tiling)
+    return latent
+
+
+def vae_memory(vae, slicing: bool, tiling: bool) -> None:
+    """[model] vae_slicing: the VAE encodes and decodes a batch one image at a time (peak memory
+    of one image's activations, not the batch's; the same latents up to rounding). vae_tiling:
+    it encodes and decodes an image larger than its sample_size in overlapping tiles, blended
+    at the seams (the latents differ a little from untiled ones, so tiling is part of the
+    latent cache's key). Both as diffusers' enable_slicing() / enable_tiling()."""
+    for key, value, method in (("vae_slicing", slicing, "enable_slicing"), ("vae_tiling", tiling, "enable_tiling")):
+        if not isinstance(value, bool):
+            raise DifftoolError(f"[model] {key} = {value!r} must be true or false")
+        if not value:
+            continue
+        if not callable(getattr(vae, method, None)):
+            raise DifftoolError(f"[model] {key} = true, and this pipeline's VAE ({type(vae).__name__}) has no "
+                                f"{method}(); remove {key}")
+        getattr(vae, method)()
+
+
+def load_pipeline(pipeline_class, pretrained: str, revision: str | None, variant: str | None) -> LatentDiffusion:
     """The pipeline at `pretrained` (a local diffusers folder, else a hub id) as a LatentDiffusion."""
     path = Path(pretrained).expanduser()
     options = {"revision": revision, "variant": variant}
@@ -211,24 +272,27 @@ def load(pipeline_class, pretrained: str, revision: str | None, variant: str | N
     return LatentDiffusion(pipeline, pretrained)
 
 
-def stable_diffusion(pretrained: str, revision: str | None = None, variant: str | None = None):
+def stable_diffusion(pretrained: str, revision: str | None = None, variant: str | None = None,
+                     vae_slicing: bool = False, vae_tiling: bool = False):
     """Stable Diffusion 1.x/2.x (StableDiffusionPipeline) from a local folder or hub id."""
     from diffusers import StableDiffusionPipeline
 
-    return load(StableDiffusionPipeline, pretrained, revision, variant)
+    return load(StableDiffusionPipeline, pretrained, revision, variant, vae_slicing, vae_tiling)
 
 
-def stable_diffusion_xl(pretrained: str, revision: str | None = None, variant: str | None = None):
+def stable_diffusion_xl(pretrained: str, revision: str | None = None, variant: str | None = None,
+                        vae_slicing: bool = False, vae_tiling: bool = False):
     """Stable Diffusion XL (StableDiffusionXLPipeline) from a local folder or hub id."""
     from diffusers import StableDiffusionXLPipeline
 
-    return load(StableDiffusionXLPipeline, pretrained, revision, variant)
+    return load(StableDiffusionXLPipeline, pretrained, revision, variant, vae_slicing, vae_tiling)
 
 
-def stable_diffusion_3(pretrained: str, revision: str | None = None, variant: str | None = None):
+def stable_diffusion_3(pretrained: str, revision: str | None = None, variant: str | None = None,
+                       vae_slicing: bool = False, vae_tiling: bool = False):
     """Stable Diffusion 3 (StableDiffusion3Pipeline: VAE, two CLIPs, optionally a T5, and an
     SD3Transformer2DModel) from a local folder or hub id; train it with [objective] name =
     "flow-matching", on the pipeline's FlowMatchEulerDiscreteScheduler (and its shift)."""
     from diffusers import StableDiffusion3Pipeline
 
-    return load(StableDiffusion3Pipeline, pretrained, revision, variant)
+    return load(StableDiffusion3Pipeline, pretrained, revision, variant, vae_slicing, vae_tiling)

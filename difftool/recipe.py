@@ -43,6 +43,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "resume_from_checkpoint": (str, None, None),
         "max_nonfinite_steps": (int, 10, POSITIVE),
         "fuse_adapters": (bool, False, None),
+        "gradient_checkpointing": (bool, False, None),  # the denoiser recomputes activations in backward
         "compile": (bool, False, None),  # torch.compile of the model for training steps
         "allow_tf32": (bool, False, None),  # fp32 matmuls in TF32 where the hardware has it (CUDA, Ampere on)
     },
