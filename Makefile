@@ -18,7 +18,7 @@ help: ## list the targets
 	@awk -F':.*## ' '/^[a-z]+:.*## /{printf "  make %-11s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
 	@echo '  ARGS="..." is passed on: make quickstart ARGS="--set run.max_steps=20", make test ARGS="-k lora"'
 
-install: $(VENV)/.stamp-install ## create .venv and install torch, difftool with its tests, and both plugins
+install: $(VENV)/.stamp-install ## create .venv and install torch, difftool with its tests, and the three plugins
 
 quickstart: install ## train recipes/quickstart.toml (about 4 minutes on a 2-core CPU)
 	$(IN_VENV) difftool run recipes/quickstart.toml $(ARGS)

@@ -83,7 +83,7 @@ def train_logged(recipe: dict, log: StepLog | None = None) -> StepLog:
     pm.register(log, name="benchmark-step-log")
     try:
         with tempfile.TemporaryDirectory() as out:
-            recipe["run"]["output_dir"] = out
+            recipe["run"]["output_dir"] = str(Path(out) / "run")  # a new folder: the recipe file sits beside it
             train(recipes.load(recipe_file(recipe, Path(out))))
     finally:
         pm.unregister(name="benchmark-step-log")

@@ -23,7 +23,9 @@ def register_models(register):
     Returns a diffusers model (`nn.Module`) called as `model(sample, timestep, return_dict=False,
     **conditioning)`; a class-conditional one takes `class_labels` (int64, one per sample, where
     `num_classes` is the null class of classifier-free guidance). Optional attribute:
-    `size_multiple` (an int image sizes must be divisible by; default 1).
+    `size_multiple` (an int image sizes must be divisible by; default 1). Optional method:
+    `enable_gradient_checkpointing()` (diffusers' models have it), which `[run]
+    gradient_checkpointing = true` needs.
     """
 
 
