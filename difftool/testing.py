@@ -134,3 +134,27 @@ def running(args: list[str], cwd: Path, **popen):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
+
+
+def assert_identical(a, b, where: str = "state") -> None:
+    """Assert that two nested states (dicts, lists, tensors, arrays, plain values: a checkpoint's
+    model, optimizer and random states, say) are bit-identical; `where` names the first
+    difference. For tests of exact resume: a resumed run against one that never stopped."""
+    import numpy as np
+    import torch
+
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

@@ -20,7 +20,7 @@ from difftool import recipe as recipes
 from difftool.engine import train
 from difftool.errors import DifftoolError
 from difftool.plugins import registry
-from difftool.testing import running
+from difftool.testing import assert_identical, running
 
 # 24 images in batches of 8 with 2 micro-batches per step: 3 batches, 2 optimizer steps per
 # epoch (the second one ends the epoch early), so step 3 lands mid-epoch and mid-shuffle.
@@ -38,25 +38,6 @@ def read_state(path):
         elif file.suffix in (".bin", ".pkl"):
             loaded[file.name] = torch.load(file, weights_only=False)
     return loaded
-
-
-def assert_identical(a, b, where="state"):
-    """Bit-identical nested state: torch.equal on every tensor."""
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def tb_scalars(output_dir):

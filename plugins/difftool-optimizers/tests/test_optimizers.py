@@ -20,6 +20,7 @@ import difftool  # noqa: E402
 from difftool import recipe as recipes  # noqa: E402
 from difftool.engine import train  # noqa: E402
 from difftool.errors import DifftoolError  # noqa: E402
+from difftool.testing import assert_identical  # noqa: E402
 from difftool_optimizers import factories  # noqa: E402
 
 CONSTANT = 'lr_schedule={name="constant"}'
@@ -179,24 +180,6 @@ def checkpoint_state(path):
     return {"model": load_file(path / "model.safetensors"),
             "optimizer": torch.load(path / "optimizer.bin", weights_only=False),
             "random": torch.load(path / "random_states_0.pkl", weights_only=False)}
-
-
-def assert_identical(a, b, where="state"):
-    """Bit-identical nested state."""
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def test_schedulefree_resumes_bit_for_bit_and_outputs_its_average(tiny_recipe, tmp_path, capsys, plugin):
