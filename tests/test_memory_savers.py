@@ -15,7 +15,7 @@ import difftool
 from difftool import build
 from difftool import recipe as recipes
 from difftool.engine import train
-from test_text_to_image import sd_recipe, tiny_sd  # noqa: F401 (a fixture)
+from test_text_to_image import Watcher, sd_recipe, tiny_sd  # noqa: F401 (a fixture)
 
 needs_lora = pytest.mark.skipif(find_spec("difftool_lora") is None, reason="needs the difftool-lora plugin")
 DIT = ['model={name = "dit", num_layers = 2, num_attention_heads = 2, attention_head_dim = 8}']
@@ -81,11 +81,11 @@ def test_gradient_checkpointing_of_a_text_to_image_unet_under_lora(tiny_sd, tmp_
     assert_same(plain, checkpointed)
 
 
-class Steps:
-    """Records each step's loss, whether the denoiser checkpoints, and the weights at the end."""
+class Steps(Watcher):
+    """Watcher's record (each step's loss, the weights at start and end; here the trainable ones
+    only), and whether the denoiser checkpoints."""
 
-    def __init__(self):
-        self.losses, self.checkpointing, self.start, self.end = [], None, {}, {}
+    checkpointing = None
 
     @staticmethod
     def weights(state):
@@ -94,17 +94,9 @@ class Steps:
 
     @difftool.hookimpl
     def on_train_start(self, state):
-        self.start = self.weights(state)
+        super().on_train_start(state)
         model = build.denoiser(state.accelerator.unwrap_model(state.model))
         self.checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-
-    @difftool.hookimpl
-    def on_step_end(self, state):
-        self.losses.append(state.loss)
-
-    @difftool.hookimpl
-    def on_train_end(self, state):
-        self.end = self.weights(state)
 
 
 def test_a_run_with_gradient_checkpointing_trains(plugin, tiny_recipe, tmp_path):
