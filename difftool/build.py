@@ -288,12 +288,12 @@ def latent_cache(recipe: Recipe, latent):
 
 def text_cache(recipe: Recipe, latent):
     """The cache of a latent model's prompt embeddings, beside its latents, or None when
-    [dataset] cache is off. Build it after the encoders are cast to the run's precision: their
+    [dataset] cache is off or shuffle_tags is on. Build it after the encoders are cast to the run's precision: their
     dtype is part of its key."""
     from difftool.latent_cache import TextCache
 
-    if not recipe["dataset"]["cache"]:
-        return None
+    if not recipe["dataset"]["cache"] or recipe["dataset"]["shuffle_tags"]:
+        return None  # shuffled captions: nearly every one is new, so entries would pile up unread
     # the pipeline's class too: SDXL and SD3 encode the same two CLIPs differently
     return TextCache(cache_folder(recipe), latent.text_encoders(), latent.tokenizers(), [latent.pipeline_class.__name__])
 

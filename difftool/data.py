@@ -250,6 +250,17 @@ class EpochShuffle(torch.utils.data.Sampler):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
+def shuffled_tags(caption: str, keep: int = 0) -> str:
+    """A tag-style caption ("1girl, red hair, smiling") with its comma-separated tags after the
+    first `keep` in a random order (torch's global RNG, so a resumed run draws the same
+    orders), rejoined with ", ". A caption of one tag comes back as it is."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    head, tail = tags[:keep], tags[keep:]
+    if len(tail) < 2:
+        return caption
+    return ", ".join(head + [tail[i] for i in torch.randperm(len(tail)).tolist()])
+
+
 def random_flip(images: torch.Tensor) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2 (torch's global RNG)."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5

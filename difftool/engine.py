@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from difftool import __version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins, trackers
-from difftool.data import random_flip
+from difftool.data import random_flip, shuffled_tags
 from difftool.errors import DifftoolError, Interrupted
 from difftool.precision import effective, resolve, tf32
 from difftool.recipe import Recipe, dump
@@ -313,6 +313,8 @@ def model_inputs(state: TrainState, parts: Parts, batch: dict, training: bool = 
     else:
         parameters = latent.encode_images(images)
     captions = list(batch["captions"])
+    if training and table["shuffle_tags"]:
+        captions = [shuffled_tags(caption, table["keep_tags"]) for caption in captions]
     if training and table["caption_dropout"]:
         dropped = (torch.rand(len(captions)) < table["caption_dropout"]).tolist()
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]

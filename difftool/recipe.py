@@ -57,6 +57,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "center_crop": (bool, False, None),
         "caption_column": (str, "text", None),
         "caption_dropout": (float, 0.0, FRACTION),
+        "shuffle_tags": (bool, False, None),  # training captions' comma-separated tags in a random order
+        "keep_tags": (int, 0, NON_NEGATIVE),  # leading tags shuffle_tags leaves in place
         "latent_cache_dir": (str, None, None),
         "label_column": (str, None, None),
         "label_dropout": (float, 0.0, FRACTION),

@@ -43,7 +43,11 @@ def imagefolder(path: str):
     sorted. datasets adds it only when there are at least 2 such folders, every image lies at
     the same depth (none directly in `path`), and there is no metadata file (whose columns are
     used instead). Folders named like splits (train, validation, val, dev, test, eval, ...) are
-    splits, not classes."""
+    splits, not classes.
+
+    Captions: a metadata file's column (`text` for `[dataset] caption_column`), or, in a folder
+    without one, a caption file beside each image: NAME.txt or NAME.caption, UTF-8, read into a
+    `text` column."""
     import datasets
 
     folder = Path(path).expanduser()
@@ -57,14 +61,54 @@ def imagefolder(path: str):
         raise DifftoolError(f"[dataset] path = '{path}' holds no image files (looked for {extensions}, ...)")
     for file in sorted(images):
         _check_image(file)
+    captions = None if metadata else _caption_files(images, path)
     try:
         # the patterns found above, so that datasets does not search the folder for splits again
-        return datasets.load_dataset("imagefolder", data_dir=str(folder), data_files=patterns, split="train")
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), data_files=patterns, split="train")
     except (ValueError, TypeError, KeyError, datasets.exceptions.DatasetsError) as exc:  # ArrowInvalid: ValueError
         cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
         raise DifftoolError(f"[dataset] path = '{path}': datasets could not read the folder "
                             f"({type(exc).__name__}: {exc}{cause}); check "
                             f"{', '.join(map(str, metadata)) or 'its images'}") from exc
+    if not captions:
+        return dataset
+    # each row's own file, in datasets' order, without decoding the images
+    files = dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    return dataset.add_column("text", [captions[Path(file["path"]).resolve()] for file in files])
+
+
+# caption files beside the images, as kohya-ss/sd-scripts and most fine-tuning trainers read them
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+def _caption_files(images: set[Path], path: str) -> dict[Path, str] | None:
+    """{image: its caption} from a NAME.txt (or NAME.caption) beside each image, or None when no
+    image has one. Every image must have one then, and each must be UTF-8 text; its lines are
+    joined by spaces. A folder with a metadata file reads its captions from there instead."""
+    found = {}
+    for image in images:
+        beside = [image.with_suffix(suffix) for suffix in CAPTION_SUFFIXES if image.with_suffix(suffix).is_file()]
+        if beside:
+            found[image.resolve()] = beside[0]
+    if not found:
+        return None
+    missing = sorted(image for image in images if image.resolve() not in found)
+    if missing:
+        shown = ", ".join(str(image) for image in missing[:3])
+        raise DifftoolError(f"[dataset] path = '{path}': {len(found)} images have a caption file and {len(missing)} "
+                            f"have none ({shown}{', ...' if len(missing) > 3 else ''}); write a NAME.txt beside each "
+                            "image (an empty one for no caption), or remove the caption files to train without them")
+    captions = {}
+    for image, file in found.items():
+        try:
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DifftoolError(f"[dataset] caption file {file} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                                f"position {exc.start}); save it as UTF-8") from exc
+        except OSError as exc:
+            raise DifftoolError(f"[dataset] caption file {file} cannot be read ({exc.strerror or exc})") from exc
+        captions[image] = " ".join(text.split())
+    return captions
 
 
 def folders(classes: dict, max_per_class: int | None = None, seed: int = 0) -> list[dict]:
