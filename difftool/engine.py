@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from difftool import __version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins, trackers
+from difftool import (__version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins, sharding,
+                      trackers)
 from difftool.data import random_flip, shuffled_tags
 from difftool.errors import DifftoolError, Interrupted
 from difftool.precision import effective, resolve, tf32
@@ -124,9 +125,7 @@ def train(recipe: Recipe, force: bool = False) -> Path:
 def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState, Plan]:
     """Build every component of the recipe and the run's state, ready to train or resume."""
     run = recipe["run"]
-    from difftool import sharding
-
-    sharding.check(recipe, accelerator)  # FSDP and DeepSpeed: refused, or configured before anything is prepared
+    sharding.configure(recipe, accelerator)  # DeepSpeed's settings from the recipe (make_accelerator refused the rest)
     set_seed(run["seed"])
     train_rows, validation_rows = build.datasets(recipe)  # first: a class-conditional model needs its classes
     classes = build.class_names(recipe, train_rows)
@@ -222,7 +221,6 @@ def out_of_memory_message(exc: BaseException, recipe: Recipe, state: TrainState 
 
 def make_accelerator(run: dict, output_dir: Path) -> Accelerator:
     """The Accelerator of the tutorial, with the recipe's precision, accumulation and tracker."""
-    from difftool import sharding
     from difftool.history import HistoryTracker
 
     trackers.check_installed(run["log_with"], "[run]")

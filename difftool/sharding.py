@@ -94,12 +94,6 @@ def configure(recipe, accelerator) -> None:
         plugin.deepspeed_config["gradient_clipping"] = float(recipe["run"]["max_grad_norm"] or 0.0)
 
 
-def check(recipe, accelerator) -> None:
-    """Before anything is built: refuse what this launch cannot train, and configure DeepSpeed."""
-    check_launch()
-    configure(recipe, accelerator)
-
-
 def saves_own_state(accelerator) -> bool:
     """Whether Accelerate's save_state writes the model through FSDP or DeepSpeed (every process
     its part, in their own formats) rather than as one state dict that difftool's hooks can edit."""
