@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.train import BATCH, DATA, SIZES, train_logged
+from benchmarks.train import BATCH, SIZES, benchmark_recipe, train_logged
 
 SETTINGS = {"eager": {}, "compile": {"compile": True}, "tf32": {"allow_tf32": True}}
 
@@ -25,15 +25,7 @@ def child(size_name: str, steps: int, setting: str) -> None:
 
     size, unet = SIZES[size_name]
     started = time.perf_counter()
-    log = train_logged({
-        "run": {"num_epochs": 1000, "max_steps": steps, "save_image_epochs": 100000, "save_model_epochs": 100000,
-                **SETTINGS[setting]},
-        "dataset": {"name": "imagefolder", "path": str(DATA), "image_size": size, "batch_size": BATCH},
-        "model": {"name": "unet2d", **unet},
-        "noise_scheduler": {"name": "ddpm", "num_train_timesteps": 1000},
-        "optimizer": {"name": "adamw", "lr": 1e-4},
-        "sampling": {"scheduler": "ddim", "num_inference_steps": 1, "num_images": 1},
-    })
+    log = train_logged(benchmark_recipe(size, unet, steps, run=SETTINGS[setting]))
     print(json.dumps({"started": started, "stamps": log.stamps, "losses": log.losses}))
 
 

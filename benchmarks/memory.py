@@ -99,22 +99,11 @@ def recipe(config: dict) -> dict:
 
 def child(config: dict) -> None:
     """Train one configuration in this process; print its figures as the last line."""
-    import tomli_w
     import torch
 
-    from difftool import recipe as recipes
-    from difftool.engine import train
-    from difftool.plugins import load_plugins, pm
+    from benchmarks.train import train_logged
 
-    load_plugins()
-    log = MemoryLog()
-    pm.register(log, name="benchmark-memory-log")
-    with tempfile.TemporaryDirectory() as out:  # (benchmarks.train's train_logged writes the recipe into output_dir)
-        data = recipe(config)
-        data["run"]["output_dir"] = str(Path(out) / "run")
-        path = Path(out) / "recipe.toml"
-        path.write_text(tomli_w.dumps(data))
-        train(recipes.load(path))
+    log = train_logged(recipe(config), MemoryLog())
     times = [b - a for a, b in zip(log.stamps, log.stamps[1:])]
     print(RESULT + json.dumps({"device": "cuda" if torch.cuda.is_available() else "cpu", "peak": log.peak,
                                "start_rss": log.start_rss, "reset": log.reset,

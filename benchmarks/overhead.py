@@ -12,7 +12,7 @@ import argparse
 import cProfile
 import pstats
 
-from benchmarks.train import BATCH, DATA, SIZES, StepLog, train_logged
+from benchmarks.train import BATCH, SIZES, StepLog, benchmark_recipe, train_logged
 
 # engine functions, by what they do; cumulative times (a parent's include its children's)
 PARTS = {
@@ -44,14 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     size, unet = SIZES[args.size]
-    recipe = {
-        "run": {"num_epochs": 1000, "max_steps": args.steps, "save_image_epochs": 100000, "save_model_epochs": 100000},
-        "dataset": {"name": "imagefolder", "path": str(DATA), "image_size": size, "batch_size": BATCH},
-        "model": {"name": "unet2d", **unet},
-        "noise_scheduler": {"name": "ddpm", "num_train_timesteps": 1000},
-        "optimizer": {"name": "adamw", "lr": 1e-4},
-        "sampling": {"scheduler": "ddim", "num_inference_steps": 1, "num_images": 1},
-    }
+    recipe = benchmark_recipe(size, unet, args.steps)
     log = StepLog()
     profiler = cProfile.Profile()
 

@@ -10,19 +10,13 @@ import argparse
 import statistics
 from pathlib import Path
 
-from benchmarks.train import BATCH, DATA, SMALL_UNET, StepLog, train_logged
+from benchmarks.train import DATA, SMALL_UNET, StepLog, benchmark_recipe, train_logged
 
 
 def run(precision: str, steps: int, data: Path) -> StepLog:
     """The quickstart UNet trained `steps` steps at 32 px in `precision`, each step logged."""
-    return train_logged({
-        "run": {"num_epochs": 1000, "max_steps": steps, "mixed_precision": precision,
-                "save_image_epochs": 1000, "save_model_epochs": 1000},
-        "dataset": {"name": "imagefolder", "path": str(data), "image_size": 32, "batch_size": BATCH},
-        "model": {"name": "unet2d", **SMALL_UNET},
-        "optimizer": {"name": "adamw", "lr": 1e-3},
-        "sampling": {"scheduler": "ddim", "num_inference_steps": 1, "num_images": 1},
-    })
+    return train_logged(benchmark_recipe(32, SMALL_UNET, steps, data, run={"mixed_precision": precision},
+                                         optimizer={"lr": 1e-3}))
 
 
 def main() -> None:

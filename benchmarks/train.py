@@ -73,7 +73,7 @@ def recipe_file(data: dict, folder: Path) -> Path:
 
 def train_logged(recipe: dict, log: StepLog | None = None) -> StepLog:
     """`difftool run` of `recipe` (its [run] output_dir filled in with a temp folder), in this
-    process, with every step's time and loss logged (into `log`, if given)."""
+    process, with every step's time and loss logged (into `log`, any plugin object, if given)."""
     from difftool import recipe as recipes
     from difftool.engine import train
     from difftool.plugins import load_plugins, pm
@@ -90,18 +90,27 @@ def train_logged(recipe: dict, log: StepLog | None = None) -> StepLog:
     return log
 
 
-def time_difftool(data: Path, size: int, unet: dict, steps: int, precision: str) -> list[float]:
-    """Step times of `difftool run` on the same work (sampling cut to one image, one step)."""
-    return train_logged({
-        "run": {"num_epochs": 50, "max_steps": steps, "mixed_precision": precision,
-                "save_image_epochs": 1000, "save_model_epochs": 1000},
+def benchmark_recipe(size: int, unet: dict, steps: int, data: Path = DATA, **sections) -> dict:
+    """The recipe (as a dict) of the benchmarks' difftool runs: `steps` steps of the tutorial's
+    work on `data` (AdamW at 1e-4, DDPM 1000), sampling cut to one image of one step, nothing
+    saved before the end; `sections` add or update keys, e.g. run={"compile": True}."""
+    recipe = {
+        "run": {"num_epochs": 1000, "max_steps": steps, "save_image_epochs": 100000, "save_model_epochs": 100000},
         "dataset": {"name": "imagefolder", "path": str(data), "image_size": size, "batch_size": BATCH},
         "model": {"name": "unet2d", **unet},
         "noise_scheduler": {"name": "ddpm", "num_train_timesteps": 1000},
         "optimizer": {"name": "adamw", "lr": 1e-4},
-        "lr_schedule": {"name": "cosine", "num_warmup_steps": 500},
         "sampling": {"scheduler": "ddim", "num_inference_steps": 1, "num_images": 1},
-    }).step_times()
+    }
+    for section, keys in sections.items():
+        recipe.setdefault(section, {}).update(keys)
+    return recipe
+
+
+def time_difftool(data: Path, size: int, unet: dict, steps: int, precision: str) -> list[float]:
+    """Step times of `difftool run` on the same work, with the tutorial's schedule."""
+    return train_logged(benchmark_recipe(size, unet, steps, data, run={"mixed_precision": precision},
+                                         lr_schedule={"name": "cosine", "num_warmup_steps": 500})).step_times()
 
 
 def flops_per_step(size: int, unet: dict) -> float:

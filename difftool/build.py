@@ -288,8 +288,8 @@ def latent_cache(recipe: Recipe, latent):
 
 def text_cache(recipe: Recipe, latent):
     """The cache of a latent model's prompt embeddings, beside its latents, or None when
-    [dataset] cache is off or shuffle_tags is on. Build it after the encoders are cast to the run's precision: their
-    dtype is part of its key."""
+    [dataset] cache is off or shuffle_tags is on. Build it after the encoders are cast to the
+    run's precision: their dtype is part of its key."""
     from difftool.latent_cache import TextCache
 
     if not recipe["dataset"]["cache"] or recipe["dataset"]["shuffle_tags"]:
