@@ -47,7 +47,7 @@ class FinalWeights:
 def test_installed_plugin_is_listed(cli):
     code, out, _ = cli("plugins")
     assert code == 0
-    assert re.search(r"difftool-lora\s+│\s+0\.1\.0", out) and "adapters: lora" in out
+    assert re.search(r"difftool-lora\s+│\s+0\.1\.0", out) and "adapters: loha, lokr, lora, oft" in out
 
 
 def test_only_the_adapter_trains_and_the_base_stays_as_it_was(base, tmp_path, plugin):
