@@ -47,8 +47,15 @@ class Adapter:
 
     def fuse(self, model):
         """The model with this adapter merged into its base weights: a plain model that loads
-        without the plugin. The model passed in may be changed. Optional."""
+        without the plugin. The model passed in may be changed. Optional. It is also called on
+        a copy of each text encoder `text_encoders` names, for the fused pipeline."""
         raise NotImplementedError
+
+    def text_encoders(self) -> dict:
+        """{pipeline name ("text_encoder", "text_encoder_2"): module} of the text encoders this
+        adapter adapted too (those of its factory's `text_encoders` context it put weights on);
+        its `save` and `load` cover them, with the denoiser they are given. None by default."""
+        return {}
 
 
 def check_fusable(adapters: list[Adapter], recipe) -> None:
@@ -100,4 +107,17 @@ def fused(adapters: list[Adapter], model):
     merged = copy.deepcopy(model)
     for adapter in reversed(adapters):
         merged = adapter.fuse(merged)
+    return merged
+
+
+def fused_text_encoders(adapters: list[Adapter]) -> dict:
+    """{pipeline name: a copy of that text encoder with every adapter on it merged in (the last
+    added first)} for the text encoders the adapters adapted; {} when none did. Copies, so
+    that training goes on with the adapters in place after a save."""
+    import copy
+
+    merged = {}
+    for adapter in reversed(adapters):
+        for name, encoder in adapter.text_encoders().items():
+            merged[name] = adapter.fuse(merged[name] if name in merged else copy.deepcopy(encoder))
     return merged

@@ -18,6 +18,7 @@ def model(recipe: Recipe, num_classes: int | None = None):
         built.check_image_size(recipe["dataset"]["image_size"], recipe.where("dataset"))
     else:
         fit_image_size(built, recipe["dataset"]["image_size"], recipe.where("dataset"))
+    check_buckets(recipe, built)
     if "attention" in recipe.data:
         set_attention(recipe, denoiser(built))
     return built
@@ -52,13 +53,27 @@ def check_memory(recipe: Recipe, built) -> None:
 
 def adapters(recipe: Recipe, built) -> list:
     """Apply the [[adapters]] to the model's denoiser in order; returns their Adapter objects
-    (each checked to be one when built: difftool.contracts)."""
-    built = denoiser(built)
+    (each checked to be one when built: difftool.contracts). A factory that takes
+    `text_encoders` also gets a latent model's CLIP text encoders by their pipeline names (SD:
+    text_encoder; SDXL and SD3: text_encoder and text_encoder_2; {} for a pixel model), the ones
+    diffusers' `load_lora_weights` reads a LoRA for."""
+    encoders = text_encoders(built)
+    network = denoiser(built)
     applied = []
     for i, table in enumerate(recipe["adapters"]):
         section = f"adapters.{i}"
-        applied.append(recipe.entries[section].build(recipe.kwargs(section, table), recipe.where(section), model=built))
+        applied.append(recipe.entries[section].build(recipe.kwargs(section, table), recipe.where(section),
+                                                     model=network, text_encoders=encoders))
     return applied
+
+
+def text_encoders(built) -> dict:
+    """{pipeline name: module} of a latent model's CLIP text encoders ({} for a pixel model).
+    SD3's T5 is left out: diffusers' SD3 LoRA loader reads no LoRA for it."""
+    if not is_latent(built):
+        return {}
+    named = {"text_encoder": built.text_encoder, "text_encoder_2": built.text_encoder_2}
+    return {name: module for name, module in named.items() if module is not None}
 
 
 def gradient_checkpointing(recipe: Recipe, built) -> None:
@@ -146,10 +161,11 @@ def sampling_scheduler(recipe: Recipe, training_scheduler):
 def rows(recipe: Recipe, kwargs: dict, captions: bool = False):
     """The dataset factory's rows, checked to be non-empty mappings with an `image` column of
     images (and the caption column, when `captions`). The factory's result is checked to be a
-    dataset when built; of its rows, the first is checked, or all of an in-memory list."""
+    dataset when built; of its rows, the first is checked, or all of an in-memory list. The
+    factory's context is `generate_images` (image_generator)."""
     name, where = recipe["dataset"]["name"], recipe.where("dataset")
     entry = recipe.entries["dataset"]
-    built = entry.build(kwargs, where)
+    built = entry.build(kwargs, where, generate_images=image_generator(recipe))
     who = f"dataset '{name}' (plugin '{entry.plugin}')"
     if len(built) == 0:
         raise DifftoolError(f"{where} dataset '{name}' is empty")
@@ -163,6 +179,50 @@ def rows(recipe: Recipe, kwargs: dict, captions: bool = False):
     if captions:
         check_captions(recipe, built)
     return built
+
+
+def image_generator(recipe: Recipe):
+    """The datasets' `generate_images` context: a difftool.class_images.Generator that samples
+    the recipe's base model (its [model], without [[adapters]]) from a prompt with the [sampling]
+    scheduler, num_inference_steps, guidance_scale and negative_prompt, at [dataset] image_size,
+    [dataset] batch_size images at a time, seeded by [run] seed. The model is loaded only when
+    images are missing, on the process's device, in half precision where the run trains in it
+    on a GPU. Its cache folders are keyed by the [model] table (a local `pretrained` by its
+    absolute path) and the image size; a model that is not text-to-image is refused then."""
+    from pathlib import Path
+
+    from difftool.class_images import Generator
+
+    table, sampling = recipe["dataset"], recipe["sampling"]
+    model_table = {k: v for k, v in recipe["model"].items() if k not in ("vae_slicing", "vae_tiling")}
+    if isinstance(model_table.get("pretrained"), str) and Path(model_table["pretrained"]).expanduser().exists():
+        model_table["pretrained"] = str(Path(model_table["pretrained"]).expanduser().resolve())
+
+    def load():
+        import torch
+        from accelerate import PartialState
+
+        from difftool.precision import effective, resolve
+
+        built = model(recipe)
+        if not is_latent(built):
+            raise DifftoolError(f"{recipe.where('dataset')} class images are generated from a prompt by a text-to-image "
+                                f"model, and [model] '{recipe['model']['name']}' is not one; put enough images in the "
+                                "dataset's class folder yourself, or lower the number of class images")
+        sampler = sampling_scheduler(recipe, noise_scheduler(recipe, built))
+        device = PartialState().device
+        precision = effective(resolve(recipe["run"]["mixed_precision"]), device.type)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        built.to(device, dtype if device.type == "cuda" else torch.float32)
+        steps = sampling["num_inference_steps"] or sampler.config.num_train_timesteps
+        return built.pipeline(scheduler=sampler), steps
+
+    from difftool.conditioning import guidance
+
+    settings = {"negative_prompt": sampling["negative_prompt"], "guidance_scale": guidance(sampling["guidance_scale"], True),
+                "image_size": table["image_size"]}
+    return Generator(load, {"model": model_table, "image_size": table["image_size"]}, settings,
+                     batch_size=table["batch_size"], seed=recipe["run"]["seed"])
 
 
 def check_captions(recipe: Recipe, built) -> None:
@@ -255,17 +315,56 @@ def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True, captions: boo
 
     from difftool.data import EpochShuffle, ImageDataset
 
+    from difftool.buckets import BucketBatches, assign, settings
+    from difftool.data import has_masks, image_sizes
+
     table, seed = recipe["dataset"], recipe["run"]["seed"]
     workers = table["num_workers"]
+    buckets = settings(table, recipe.where("dataset"))
+    # the images' sizes (file headers; masks checked against them) where buckets or crops need them
+    sizes = image_sizes(dataset_rows) if buckets or table["random_crop"] or has_masks(dataset_rows) else None
+    targets = assign(sizes, buckets.buckets()) if buckets else None
+    crops = table["random_crop"] and shuffle  # held-out rows are cropped at the centre
+    dataset = ImageDataset(dataset_rows, table["image_size"], cache=table["cache"], shared=workers > 0,
+                           center_crop=table["center_crop"],
+                           caption_column=table["caption_column"] if captions else None,
+                           labels=None if classes is None else {"column": table["label_column"], "names": classes},
+                           targets=targets, random_crop=table["random_crop"], sizes=sizes, geometry=captions)
+    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                  generator=torch.Generator().manual_seed(seed))  # keeps the global RNG out of it
+    if buckets:  # every batch from one bucket
+        return torch.utils.data.DataLoader(dataset, batch_sampler=BucketBatches(
+            targets, table["batch_size"], seed, shuffle=shuffle, crops=crops), **common)
     return torch.utils.data.DataLoader(
-        ImageDataset(dataset_rows, table["image_size"], cache=table["cache"], shared=workers > 0,
-                     center_crop=table["center_crop"], caption_column=table["caption_column"] if captions else None,
-                     labels=None if classes is None else {"column": table["label_column"], "names": classes}),
-        batch_size=table["batch_size"], num_workers=workers, persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        sampler=EpochShuffle(len(dataset_rows), seed) if shuffle else None,
-        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG out of it
-    )
+        dataset, batch_size=table["batch_size"],
+        sampler=EpochShuffle(len(dataset_rows), seed, crops=crops) if shuffle else None, **common)
+
+
+def bucket_distribution(recipe: Recipe, dataset_rows) -> dict | None:
+    """{bucket (height, width): number of images} of the rows (their sizes read from the files'
+    headers), or None when [dataset] buckets is off."""
+    from difftool.buckets import assign, distribution, settings
+    from difftool.data import image_sizes
+
+    buckets = settings(recipe["dataset"], recipe.where("dataset"))
+    return None if buckets is None else distribution(assign(image_sizes(dataset_rows), buckets.buckets()))
+
+
+def check_buckets(recipe: Recipe, built) -> None:
+    """[dataset] buckets and crops must fit the model: bucket sides divisible by its
+    down-sampling factor. Buckets are for latent (text-to-image) models: a pixel-space model
+    here is built for one sample_size."""
+    from difftool.buckets import check_factor, settings
+
+    chosen = settings(recipe["dataset"], recipe.where("dataset"))
+    if chosen is None:
+        return
+    if not is_latent(built):
+        raise DifftoolError(f"{recipe.where('dataset')} buckets = true trains at several resolutions, and model "
+                            f"'{recipe['model']['name']}' is built for one (image_size); use buckets with a "
+                            "text-to-image model (stable-diffusion, stable-diffusion-xl, stable-diffusion-3), or "
+                            "set buckets = false")
+    check_factor(chosen, built.size_multiple, recipe.where("dataset"))
 
 
 def cache_folder(recipe: Recipe):
@@ -294,6 +393,8 @@ def text_cache(recipe: Recipe, latent):
 
     if not recipe["dataset"]["cache"] or recipe["dataset"]["shuffle_tags"]:
         return None  # shuffled captions: nearly every one is new, so entries would pile up unread
+    if latent.text_encoders_train():
+        return None  # an adapter trains the encoders: their embeddings change every step
     # the pipeline's class too: SDXL and SD3 encode the same two CLIPs differently
     return TextCache(cache_folder(recipe), latent.text_encoders(), latent.tokenizers(), [latent.pipeline_class.__name__])
 

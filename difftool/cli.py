@@ -114,6 +114,13 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A TOML reci
     for section, entry in loaded.entries.items():
         table.add_row(section, entry.name, entry.plugin)
     console.print(table)
+    if loaded["dataset"]["buckets"]:  # the images' sizes are read from their headers: nothing is decoded
+        counts = build.bucket_distribution(loaded, build.rows(loaded, loaded.kwargs("dataset")))
+        buckets = Table("bucket (height x width)", "aspect (w/h)", "images",
+                        title=f"aspect-ratio buckets: {sum(counts.values())} images in {len(counts)} buckets")
+        for (height, width), count in counts.items():
+            buckets.add_row(f"{height} x {width}", f"{width / height:.2f}", str(count))
+        console.print(buckets)
 
 
 @app.command("list")
@@ -328,6 +335,21 @@ def compare(
         written.append(plot_file)
     for path in written:
         console.print(f"[green]wrote[/] {path}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="The output_dir of a finished text-to-image LoRA run."),
+    format_: str = typer.Option("kohya", "--format", help="The key names to write: kohya (AUTOMATIC1111, ComfyUI)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The file to write (default: RUN_DIR/NAME.FORMAT.safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if it exists."),
+) -> None:
+    """Write a finished run's LoRA for other programs: --format kohya gives the key names that
+    AUTOMATIC1111 and ComfyUI load (lora_unet_*, lora_te_* / lora_te1_*, lora_te2_*)."""
+    from difftool.export import export as export_lora
+
+    path = export_lora(run_dir, format_, output, force)
+    console.print(f"[green]wrote[/] {path}")
 
 
 @app.command()

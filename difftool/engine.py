@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from difftool import (__version__, adapters, build, checkpoints, conditioning, evaluation, files, lock, plugins, sharding,
                       trackers)
-from difftool.data import random_flip, shuffled_tags
+from difftool.data import flip_batch, shuffled_tags
 from difftool.errors import DifftoolError, Interrupted
 from difftool.precision import effective, resolve, tf32
 from difftool.recipe import Recipe, dump
@@ -297,9 +297,17 @@ def train_epoch(state: TrainState, parts: Parts, plan: Plan, report) -> None:
 def model_inputs(state: TrainState, parts: Parts, batch: dict, training: bool = True, generator=None):
     """(clean samples, conditioning keywords for the model) of a batch: the images themselves,
     randomly flipped in training; for a latent model, their VAE latents (cached if on) and their
-    captions' text embeddings, captions dropped to "" at the caption_dropout rate in training."""
+    captions' text embeddings, captions dropped to "" at the caption_dropout rate in training.
+
+    A flip mirrors the image's mask with it (put back into `batch` as "masks", for the loss) and
+    its crop's left offset (difftool.data.flip_batch). For SDXL, each image's original size and
+    crop offset and the batch's size (its bucket) go to its size and crop ids."""
     table = state.recipe["dataset"]
-    images = random_flip(batch["images"]) if training and table["random_flip"] else batch["images"]
+    images, crops = batch["images"], batch.get("crop_top_lefts")
+    if training and table["random_flip"]:
+        images, masks, crops = flip_batch(images, batch.get("masks"), crops, batch.get("resized_sizes"))
+        if masks is not None:
+            batch["masks"] = masks
     latent = parts.latent
     if latent is None:
         labels = batch.get("labels")
@@ -316,7 +324,8 @@ def model_inputs(state: TrainState, parts: Parts, batch: dict, training: bool = 
     if training and table["caption_dropout"]:
         dropped = (torch.rand(len(captions)) < table["caption_dropout"]).tolist()
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
-    return latent.sample_latents(parameters, generator), latent.encode_prompts(captions, table["image_size"])
+    return latent.sample_latents(parameters, generator), latent.encode_prompts(
+        captions, table["image_size"], batch.get("original_sizes"), crops, tuple(images.shape[-2:]))
 
 
 def train_step(state: TrainState, parts: Parts, batch: dict) -> bool:
@@ -324,13 +333,16 @@ def train_step(state: TrainState, parts: Parts, batch: dict) -> bool:
     accelerator, model, run = state.accelerator, state.model, state.recipe["run"]
     settings = state.recipe["objective"]
     state.batches_done += 1
+    batch = dict(batch)  # model_inputs puts the masks it flipped with their images back into it
     clean, keywords = model_inputs(state, parts, batch)
+    weights = loss_weights(batch, clean)
     trained = parts.objective
     times = trained.times(parts.timestep_sampler, clean.shape[0], clean.device)
     noise, noisy = trained.add_noise(clean, times, settings["noise_offset"])
     with accelerator.accumulate(model):
         forward = model if parts.compiled is None else parts.compiled
-        loss = trained.compute_loss(forward, clean, noise, noisy, times, settings, parts.loss_weighting, keywords)
+        loss = trained.compute_loss(forward, clean, noise, noisy, times, settings, parts.loss_weighting, keywords,
+                                    **({} if weights is None else {"element_weights": weights}))
         value = loss.detach().item()  # the one device sync of the step
         if finite_everywhere(accelerator, value):
             accelerator.backward(loss)
@@ -347,6 +359,35 @@ def train_step(state: TrainState, parts: Parts, batch: dict) -> bool:
         state.optimizer.step()
         state.optimizer.zero_grad()
         return step_taken(state)
+
+
+def loss_weights(batch: dict, clean: torch.Tensor) -> torch.Tensor | None:
+    """The element weights of a batch's loss (Objective.compute_loss's `element_weights`), or
+    None when the batch has neither masks nor per-sample weights.
+
+    - `batch["masks"]`: float (B, 1, H, W) in [0, 1] at the images' pixel size, white = counts,
+      flipped with their images (model_inputs leaves the flipped ones in the batch). They are
+      resized to the clean samples' size by area interpolation (each latent pixel gets the mean
+      of the mask over the 8 x 8 pixels it encodes, as kohya-ss/sd-scripts does), and multiply
+      every channel's loss there. Grey is a partial weight: OneTrainer's unmasked_weight w is a
+      mask whose black is painted w * 255 grey.
+    - `batch["loss_weights"]`: one float per sample (a row's `loss_weight`, e.g. DreamBooth's
+      prior_loss_weight on class images), multiplying that sample's loss.
+
+    The objective then averages the weighted loss over all elements (difftool.objective.loss), so
+    a masked-out region contributes nothing, not even through the mean."""
+    masks, per_sample = batch.get("masks"), batch.get("loss_weights")
+    weights = None
+    if masks is not None:
+        weights = masks.to(clean.device, torch.float32)
+        if weights.shape[2:] != clean.shape[2:]:
+            weights = torch.nn.functional.interpolate(weights, size=tuple(clean.shape[2:]), mode="area")
+    if per_sample is not None:
+        from difftool.objective import broadcast
+
+        per_sample = broadcast(torch.as_tensor(per_sample).to(clean.device, torch.float32), clean)
+        weights = per_sample if weights is None else weights * per_sample
+    return weights
 
 
 def finite_everywhere(accelerator, value: float) -> bool:
@@ -422,7 +463,10 @@ def checkpoint(state: TrainState, parts: Parts) -> Path:
 def validate(state: TrainState, parts: Parts) -> None:
     """Mean loss over the first num_batches held-out batches, with noise and timesteps fixed by
     the batch index, so every evaluation measures the same thing. The weights are the trained
-    ones (not the EMA's), with the optimizer in eval mode where it has one (optimizer_eval_mode)."""
+    ones (not the EMA's), with the optimizer in eval mode where it has one (optimizer_eval_mode).
+    The loss is weighted by the batch's loss masks and per-sample loss weights as in training
+    (loss_weights), so val_loss measures what training minimises; as before, the [loss_weighting]
+    over timesteps is not applied, so val_loss compares runs with different weightings."""
     accelerator, settings = state.accelerator, state.recipe["objective"]
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(state.model)
@@ -436,8 +480,9 @@ def validate(state: TrainState, parts: Parts) -> None:
                 clean, keywords = model_inputs(state, parts, batch, training=False, generator=generator)
                 times = trained.fixed_times(clean.shape[0], generator).to(clean.device)
                 noise, noisy = trained.add_noise(clean, times, generator=generator)
-                losses.append(trained.compute_loss(model, clean, noise, noisy, times, settings,
-                                                   conditioning=keywords).item())
+                weights = loss_weights(batch, clean)
+                losses.append(trained.compute_loss(model, clean, noise, noisy, times, settings, conditioning=keywords,
+                                                   **({} if weights is None else {"element_weights": weights})).item())
         model.train()
         state.val_loss = sum(losses) / len(losses)
         accelerator.log({"val_loss": state.val_loss}, step=state.global_step)
@@ -538,16 +583,18 @@ def write_model(state: TrainState, parts: Parts, model, folder: Path) -> None:
                 parts.latent.save_lora_weights(folder)
         if not parts.adapters or state.recipe["run"]["fuse_adapters"]:
             output_unet = adapters.fused(parts.adapters, unet) if parts.adapters else unet
-            pipeline(parts, output_unet, parts.noise_scheduler).save_pretrained(folder)
+            encoders = adapters.fused_text_encoders(parts.adapters)  # {} unless an adapter is on them
+            pipeline(parts, output_unet, parts.noise_scheduler, encoders).save_pretrained(folder)
     card.write(folder, state)
 
 
-def pipeline(parts: Parts, unet, scheduler):
-    """The diffusers pipeline of the run: DDPMPipeline, or the latent model's with `unet`."""
+def pipeline(parts: Parts, unet, scheduler, text_encoders: dict | None = None):
+    """The diffusers pipeline of the run: DDPMPipeline, or the latent model's with `unet` (and
+    `text_encoders` by pipeline name in place of its own: the fused copies)."""
     from diffusers import DDPMPipeline
 
     if parts.latent is not None:
-        return parts.latent.pipeline(unet, scheduler)
+        return parts.latent.pipeline(unet, scheduler, text_encoders)
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 

@@ -40,10 +40,16 @@ def register_schedulers(register):
 
 @hookspec
 def register_datasets(register):
-    """Register datasets. Factory context: none.
+    """Register datasets. Factory context: `generate_images`, a callable (prompt, count,
+    folder) that makes `folder` hold at least `count` images of `prompt`, generating the missing
+    ones with the recipe's base text-to-image model and its [sampling] settings (only the main
+    process generates; every process must call it, the others wait); its
+    `folder_for(prompt)` is a folder under difftool's cache for that model and prompt. The
+    `dreambooth` dataset uses it for prior preservation's class images.
 
     Returns a `datasets.Dataset` or a map-style sequence whose rows have an `image`
-    column of PIL images; the engine resizes, flips and normalises them.
+    column of PIL images; the engine resizes, flips and normalises them. A row's optional
+    `loss_weight` (a number >= 0) multiplies its loss in training and validation.
     """
 
 
@@ -77,9 +83,12 @@ def register_attention_processors(register):
 
 @hookspec
 def register_adapters(register):
-    """Register adapters. Factory context: `model`. Adds trainable weights to the model in
-    place (e.g. `model.add_adapter(...)`), freezes what should stay frozen, and returns a
-    `difftool.adapters.Adapter` that saves, reloads and (optionally) fuses those weights."""
+    """Register adapters. Factory context: `model` (the denoiser), `text_encoders` (a
+    text-to-image model's CLIP text encoders by pipeline name, "text_encoder" and, for SDXL and
+    SD3, "text_encoder_2"; {} for a pixel model). Adds trainable weights to the model (and to
+    any text encoder it adapts) in place (e.g. `model.add_adapter(...)`), freezes what should
+    stay frozen, and returns a `difftool.adapters.Adapter` that saves, reloads and (optionally)
+    fuses those weights, naming the text encoders it adapted in `text_encoders()`."""
 
 
 @hookspec

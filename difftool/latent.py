@@ -50,6 +50,12 @@ class LatentDiffusion(torch.nn.Module):
         """The frozen text encoders, None where the pipeline has none (SD's second and third)."""
         return [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
 
+    def text_encoders_train(self) -> bool:
+        """Whether an adapter put trainable weights on a text encoder (a text-encoder LoRA): then
+        prompts are encoded with gradients, and no embedding can be cached."""
+        return any(p.requires_grad for encoder in self.text_encoders() if encoder is not None
+                   for p in encoder.parameters())
+
     def tokenizers(self) -> list:
         """Their tokenizers, None where the pipeline has none."""
         return [self.others.get(name) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
@@ -63,6 +69,13 @@ class LatentDiffusion(torch.nn.Module):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def size_multiple(self) -> int:
+        """What every image side must divide by: the VAE's down-sampling times the UNet's (once
+        per down block but the last) or SD3's patch size (as check_image_size computes it)."""
+        config = self.unet.config
+        return self.vae_scale_factor * (config.patch_size if self.sd3 else 2 ** (len(config.down_block_types) - 1))
+
     def forward(self, noisy, timesteps, return_dict: bool = False, **conditioning):
         if self.sd3:  # SD3Transformer2DModel's second positional argument is encoder_hidden_states
             return self.unet(hidden_states=noisy, timestep=timesteps, return_dict=return_dict, **conditioning)
@@ -70,12 +83,19 @@ class LatentDiffusion(torch.nn.Module):
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Keep the frozen encoders in the run's half precision (as diffusers' examples do), the
-        VAE too unless its config asks to stay in float32 (SDXL's overflows in fp16)."""
+        VAE too unless its config asks to stay in float32 (SDXL's overflows in fp16). A text
+        encoder that trains (an adapter on it) stays in float32 like the denoiser: its trainable
+        weights must (the optimizer steps them in float32, as diffusers' cast_training_params
+        keeps them), and it runs outside the model's autocast (encode_prompts is no forward of
+        the prepared model), so half-precision frozen layers would take its backward pass in
+        fp16 without autocast's float32 layer norms and softmax."""
         frozen = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
         if not self.vae.config.get("force_upcast", False):
             frozen.append(self.vae)
         for module in frozen:
-            if module is not None and module.dtype != dtype:
+            if module is None or any(p.requires_grad for p in module.parameters()):
+                continue
+            if module.dtype != dtype:
                 module.to(dtype=dtype)
 
     def check_image_size(self, image_size: int, where: str) -> None:
@@ -117,10 +137,15 @@ class LatentDiffusion(torch.nn.Module):
         shift = self.vae.config.get("shift_factor") or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], image_size: int) -> dict:
+    def encode_prompts(self, prompts: list[str], image_size: int, original_sizes=None, crop_top_lefts=None,
+                       target_size=None) -> dict:
         """The denoiser's text conditioning for each prompt, through the pipeline's `encode_prompt`.
-        For SDXL the size ids say: the whole image, uncropped, at `image_size`. For SD3, the
+        For SDXL also the pooled embedding and the size and crop ids, per image as diffusers' SDXL
+        training examples make them: (original height, width) + (crop top, left) + (target
+        height, width), from `original_sizes` and `crop_top_lefts` ((batch, 2) each: the file's
+        size, the crop's offset in the resized image) and `target_size` (height, width: the size
+        trained at, default image_size x image_size); without them they say the whole image,
+        uncropped, at the target size. For SD3, the
         CLIPs' and the T5's token embeddings (zeros where there is no T5) and the pooled CLIP
         projections, at the pipeline's default max_sequence_length, as sampling has them.
 
@@ -136,44 +161,56 @@ class LatentDiffusion(torch.nn.Module):
         text = {name: torch.stack([by_prompt[p][name] for p in prompts]).to(device) for name in encoded[0]}
         if not self.xl:
             return text
-        size = (image_size, image_size)  # SDXL's size and crop ids: computed per batch, never cached
-        embeddings = text["encoder_hidden_states"]
-        time_ids = self.pipeline()._get_add_time_ids(size, (0, 0), size, dtype=embeddings.dtype,
-                                                     text_encoder_projection_dim=self.text_encoder_2.config.projection_dim)
+        # SDXL's size and crop ids: computed per batch, never cached
+        target = (image_size, image_size) if target_size is None else tuple(int(side) for side in target_size)
+        if original_sizes is None:
+            originals, crops = [target] * len(prompts), [(0, 0)] * len(prompts)
+        else:
+            originals = [tuple(size) for size in torch.as_tensor(original_sizes).tolist()]
+            crops = [tuple(offset) for offset in torch.as_tensor(crop_top_lefts).tolist()]
+        embeddings, pipeline = text["encoder_hidden_states"], self.pipeline()
+        time_ids = torch.cat([pipeline._get_add_time_ids(original, crop, target, dtype=embeddings.dtype,
+                                                         text_encoder_projection_dim=self.text_encoder_2.config.projection_dim)
+                              for original, crop in zip(originals, crops)])
         return {"encoder_hidden_states": embeddings, "added_cond_kwargs": {
-            "text_embeds": text["text_embeds"], "time_ids": time_ids.to(device).repeat(len(prompts), 1)}}
+            "text_embeds": text["text_embeds"], "time_ids": time_ids.to(device)}}
 
-    @torch.no_grad()
     def encode_each(self, prompts: list[str]) -> list[dict]:
         """{name: tensor} for each prompt, encoded on its own by the pipeline's `encode_prompt`:
         `encoder_hidden_states`, and the pooled embedding (SDXL: `text_embeds`; SD3:
-        `pooled_projections`), without the batch dimension."""
+        `pooled_projections`), without the batch dimension. Without gradients, unless a text
+        encoder trains (text_encoders_train) and the caller records them: in training, not in
+        validation, which runs under no_grad."""
         device = self.unet.device
         pipeline = self.pipeline()
         encoded = []
-        for prompt in prompts:
-            if self.sd3:
-                embeddings, _, pooled, _ = pipeline.encode_prompt([prompt], None, None, device=device,
-                                                                  num_images_per_prompt=1,
-                                                                  do_classifier_free_guidance=False)
-                one = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
-            elif self.xl:
-                embeddings, _, pooled, _ = pipeline.encode_prompt([prompt], device=device, num_images_per_prompt=1,
-                                                                  do_classifier_free_guidance=False)
-                one = {"encoder_hidden_states": embeddings, "text_embeds": pooled}
-            else:
-                embeddings, _ = pipeline.encode_prompt([prompt], device, 1, do_classifier_free_guidance=False)
-                one = {"encoder_hidden_states": embeddings}
-            encoded.append({name: tensor[0] for name, tensor in one.items()})
+        recording = self.text_encoders_train() and torch.is_grad_enabled()
+        with torch.enable_grad() if recording else torch.no_grad():
+            for prompt in prompts:
+                if self.sd3:
+                    embeddings, _, pooled, _ = pipeline.encode_prompt([prompt], None, None, device=device,
+                                                                      num_images_per_prompt=1,
+                                                                      do_classifier_free_guidance=False)
+                    one = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
+                elif self.xl:
+                    embeddings, _, pooled, _ = pipeline.encode_prompt([prompt], device=device, num_images_per_prompt=1,
+                                                                      do_classifier_free_guidance=False)
+                    one = {"encoder_hidden_states": embeddings, "text_embeds": pooled}
+                else:
+                    embeddings, _ = pipeline.encode_prompt([prompt], device, 1, do_classifier_free_guidance=False)
+                    one = {"encoder_hidden_states": embeddings}
+                encoded.append({name: tensor[0] for name, tensor in one.items()})
         return encoded
 
-    def pipeline(self, unet=None, scheduler=None):
-        """A diffusers pipeline over these modules (another denoiser or scheduler if given)."""
+    def pipeline(self, unet=None, scheduler=None, text_encoders: dict | None = None):
+        """A diffusers pipeline over these modules (another denoiser or scheduler if given, and
+        other text encoders by pipeline name: the fused copies a run saves)."""
         modules = {"vae": self.vae, "text_encoder": self.text_encoder, self.component: unet or self.unet}
         if self.text_encoder_2 is not None:
             modules["text_encoder_2"] = self.text_encoder_2
         if self.sd3:
             modules["text_encoder_3"] = self.text_encoder_3
+        modules.update(text_encoders or {})
         parts = {**self.others, **modules}
         if scheduler is not None:
             parts["scheduler"] = scheduler
@@ -184,22 +221,30 @@ class LatentDiffusion(torch.nn.Module):
         return pipeline
 
     def save_lora_weights(self, folder: Path) -> None:
-        """Write the denoiser's peft LoRA (if it has one) as `pytorch_lora_weights.safetensors`,
-        keys prefixed `unet.` (`transformer.` for SD3), the file the pipeline's
-        `load_lora_weights(folder)` reads."""
+        """Write the peft LoRA on the denoiser and on each text encoder (those that have one) as
+        `pytorch_lora_weights.safetensors`, keys prefixed `unet.` (`transformer.` for SD3),
+        `text_encoder.` and `text_encoder_2.`: the file the pipeline's `load_lora_weights(folder)`
+        reads. Each part's LoraConfig goes along as metadata, so its lora_alpha (the scale)
+        survives loading. Only LoRA (peft_type LORA, DoRA and rsLoRA included) is written:
+        diffusers' loaders read no other peft adapter (LoHa, LoKr, OFT), which stay in the run's
+        adapters/ folder alone. Nothing is written when no part has a LoRA."""
         from diffusers.utils import convert_state_dict_to_diffusers
-        from peft import get_peft_model_state_dict
+        from peft import PeftType, get_peft_model_state_dict
 
-        configs = getattr(self.unet, "peft_config", None)
-        if not configs:
-            return
-        layers = get_peft_model_state_dict(self.unet)
-        if not self.sd3:  # SD3's loader takes peft's keys as they are (as diffusers' SD3 LoRA example saves them)
-            layers = convert_state_dict_to_diffusers(layers)
-        # the LoraConfig goes along as metadata, so lora_alpha (the scale) survives loading
-        metadata = next(iter(configs.values())).to_dict()
-        self.pipeline_class.save_lora_weights(folder, **{f"{self.component}_lora_layers": layers,
-                                                         f"{self.component}_lora_adapter_metadata": metadata})
+        parts = {self.component: self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        saved = {}
+        for name, module in parts.items():
+            configs = getattr(module, "peft_config", None) or {}
+            lora = [adapter for adapter, config in configs.items() if config.peft_type == PeftType.LORA]
+            if not lora:
+                continue
+            layers = get_peft_model_state_dict(module, adapter_name=lora[0])
+            if not self.sd3:  # SD3's loader takes peft's keys as they are (as diffusers' SD3 LoRA example saves them)
+                layers = convert_state_dict_to_diffusers(layers)
+            saved[f"{name}_lora_layers"] = layers
+            saved[f"{name}_lora_adapter_metadata"] = configs[lora[0]].to_dict()
+        if saved:
+            self.pipeline_class.save_lora_weights(folder, **saved)
 
 
 def absent_components(folder: Path) -> dict:

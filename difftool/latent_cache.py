@@ -4,8 +4,8 @@ embeddings.
 
 An entry is found by two digests: one of the encoders (their classes, configs, weights and the
 dtype they encode in; for text, the tokenizers too), naming the cache's folder, and one of the
-exact input (the preprocessed pixels handed to the VAE, so the dataset, resolution, crop, flip
-and any other preprocessing are all part of the key; or a caption's text), naming the file. A
+exact input (the preprocessed pixels handed to the VAE and their shape, so the dataset,
+resolution, bucket, crop, flip and any other preprocessing are all part of the key; or a caption's text), naming the file. A
 changed encoder or a changed input can therefore never meet a stale entry. Entries are written
 atomically, one file each, so processes of a distributed run and runs side by side share a
 cache safely, and an interrupted run keeps what it encoded.
@@ -76,9 +76,16 @@ def text_digest(encoders, tokenizers, extra=()) -> str:
 
 
 def pixel_digests(pixels: torch.Tensor) -> list[str]:
-    """A digest of each image's exact values (any dtype, any device)."""
+    """A digest of each image's exact values and shape (any dtype, any device). A 32x64 and a
+    64x32 image (an aspect-ratio bucket and its mirror) can hold the same bytes, so the shape
+    is part of the digest: as blake2b's personalisation, which makes each shape's digests a
+    separate hash. A square image's digest is kept as it was before buckets (values alone,
+    and no non-square shape's personalisation is empty), so caches written then stay valid."""
     values = pixels.detach().cpu().contiguous()
-    return [hashlib.blake2b(image.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest() for image in values]
+    height, width = values.shape[-2:]
+    person = b"" if height == width else "x".join(map(str, values.shape[1:])).encode()[:16]
+    return [hashlib.blake2b(image.view(torch.uint8).numpy().tobytes(), digest_size=16, person=person).hexdigest()
+            for image in values]
 
 
 def text_digests(prompts: list[str]) -> list[str]:

@@ -95,13 +95,15 @@ class Objective:
         return noise, self.noisy(clean, noise, times)
 
     def compute_loss(self, model, clean, noise, noisy, times, settings: dict, weighting=None,
-                     conditioning: dict | None = None) -> torch.Tensor:
+                     conditioning: dict | None = None, element_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The model's loss on one noised batch, by the [objective] settings and a loss
-        weighting; `conditioning` holds the model's extra keywords (text embeddings, class labels)."""
+        weighting; `conditioning` holds the model's extra keywords (text embeddings, class labels).
+        `element_weights` (broadcastable to the prediction: a loss mask and per-sample weights,
+        see difftool.engine.loss_weights) multiply the per-element loss before it is averaged."""
         weights = weighting(times, self) if weighting else None
         prediction = model(noisy, self.model_time(times), return_dict=False, **(conditioning or {}))[0]
         wanted = self.target(clean, noise, times)
-        return loss(prediction, wanted, settings["loss"], settings["huber_delta"], weights)
+        return loss(prediction, wanted, settings["loss"], settings["huber_delta"], weights, element_weights)
 
 
 def describe_times(value) -> str:
@@ -151,9 +153,21 @@ def target(noise_scheduler, prediction_type: str, clean, noise, timesteps) -> to
     raise DifftoolError(f"[noise_scheduler] prediction_type = '{prediction_type}' is not one of epsilon, v_prediction, sample")
 
 
-def loss(prediction, wanted, kind: str, huber_delta: float, weights) -> torch.Tensor:
-    """The mean per-sample `kind` loss ("mse", "l1", "huber"), weighted per sample if `weights`."""
-    per_sample = LOSSES[kind](prediction.float(), wanted, huber_delta).flatten(1).mean(1)
+def loss(prediction, wanted, kind: str, huber_delta: float, weights,
+         element_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean per-sample `kind` loss ("mse", "l1", "huber"), weighted per sample if `weights`
+    (one per sample: a loss weighting's).
+
+    `element_weights`, broadcastable to the prediction (e.g. (B, 1, h, w) for a loss mask, or
+    (B, 1, 1, 1) per sample), multiply each element's loss before the per-sample mean. That mean
+    stays over all elements, as kohya-ss/sd-scripts' masked loss takes it, not over the weights'
+    sum: a sample whose mask covers a quarter of it contributes a quarter as much, every counted
+    element of the batch weighs the same, and a sample masked out entirely contributes 0 (no
+    division by an empty mask). Without them, the result is bit-identical to before they existed."""
+    elementwise = LOSSES[kind](prediction.float(), wanted, huber_delta)
+    if element_weights is not None:
+        elementwise = elementwise * element_weights.to(elementwise)
+    per_sample = elementwise.flatten(1).mean(1)
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights.to(per_sample)).mean()

@@ -55,6 +55,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "num_workers": (int, 0, NON_NEGATIVE),
         "cache": (bool, True, None),
         "center_crop": (bool, False, None),
+        "random_crop": (bool, False, None),  # crop at a random offset (drawn from seed, epoch and row) instead
+        "buckets": (bool, False, None),  # aspect-ratio buckets of about image_size² pixels (difftool.buckets)
+        "bucket_step": (int, 64, POSITIVE),  # bucket sides are multiples of it
+        "bucket_min": (int, None, POSITIVE),  # smallest bucket side (default image_size / 2)
+        "bucket_max": (int, None, POSITIVE),  # largest bucket side (default image_size * 2)
         "caption_column": (str, "text", None),
         "caption_dropout": (float, 0.0, FRACTION),
         "shuffle_tags": (bool, False, None),  # training captions' comma-separated tags in a random order

@@ -17,11 +17,11 @@ BUILTIN_PLUGIN = "difftool"
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "models": ("model", ("image_size", "num_classes")),
     "schedulers": ("scheduler", ()),
-    "datasets": ("dataset", ()),
+    "datasets": ("dataset", ("generate_images",)),
     "lr_schedules": ("LR schedule", ("optimizer", "num_training_steps")),
     "optimizers": ("optimizer", ("params",)),
     "attention_processors": ("attention processor", ("model", "layer")),
-    "adapters": ("adapter", ("model",)),
+    "adapters": ("adapter", ("model", "text_encoders")),
     "loss_weightings": ("loss weighting", ()),
     "timestep_samplers": ("timestep sampler", ()),
     "metrics": ("metric", ("device",)),

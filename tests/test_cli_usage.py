@@ -149,7 +149,7 @@ for path, param, annotation in parameters():
 def test_the_sweep_covers_every_command():
     commands = {case.values[0] for case in CASES}
     assert commands == {("run",), ("check",), ("list",), ("sample",), ("plugins", "new"), ("eval",), ("sweep",),
-                        ("compare",), ("push",)}
+                        ("compare",), ("push",), ("export",)}
 
 
 @pytest.mark.parametrize("path, param, value", CASES)

@@ -204,7 +204,7 @@ class PromptRecorder:
     def on_train_start(self, state):
         latent = state.accelerator.unwrap_model(state.model)
         encode = latent.encode_prompts
-        latent.encode_prompts = lambda prompts, size: self.seen.extend(prompts) or encode(prompts, size)
+        latent.encode_prompts = lambda prompts, *sizes: self.seen.extend(prompts) or encode(prompts, *sizes)
 
 
 @needs_lora

@@ -47,7 +47,12 @@ def imagefolder(path: str):
 
     Captions: a metadata file's column (`text` for `[dataset] caption_column`), or, in a folder
     without one, a caption file beside each image: NAME.txt or NAME.caption, UTF-8, read into a
-    `text` column."""
+    `text` column.
+
+    Loss masks: an image NAME_mask.EXT beside NAME.EXT (any image extensions) is the mask of
+    NAME.EXT, not a training image; the images get a `mask` column (None for an image without
+    one: all of it counts). Each mask must have its image's size, and a NAME_mask file with no
+    NAME image beside it is refused."""
     import datasets
 
     folder = Path(path).expanduser()
@@ -59,8 +64,15 @@ def imagefolder(path: str):
     if not images:
         extensions = ", ".join(sorted(_image_extensions())[:6])
         raise DifftoolError(f"[dataset] path = '{path}' holds no image files (looked for {extensions}, ...)")
-    for file in sorted(images):
+    masks = _mask_files(images)
+    if masks:
+        images -= set(masks.values())
+        # the images and metadata files alone, so that datasets does not take the masks for images
+        patterns = {**patterns, "train": [str(file) for file in sorted(images | set(metadata))]}
+    for file in sorted(images | set(masks.values())):
         _check_image(file)
+    for image, mask in sorted(masks.items()):
+        _check_mask_size(image, mask)
     captions = None if metadata else _caption_files(images, path)
     try:
         # the patterns found above, so that datasets does not search the folder for splits again
@@ -70,11 +82,57 @@ def imagefolder(path: str):
         raise DifftoolError(f"[dataset] path = '{path}': datasets could not read the folder "
                             f"({type(exc).__name__}: {exc}{cause}); check "
                             f"{', '.join(map(str, metadata)) or 'its images'}") from exc
-    if not captions:
+    if not captions and not masks:
         return dataset
     # each row's own file, in datasets' order, without decoding the images
-    files = dataset.cast_column("image", datasets.Image(decode=False))["image"]
-    return dataset.add_column("text", [captions[Path(file["path"]).resolve()] for file in files])
+    files = [Path(file["path"]).resolve() for file in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    if captions:
+        dataset = dataset.add_column("text", [captions[file] for file in files])
+    if masks:
+        found = {image.resolve(): mask for image, mask in masks.items()}
+        column = [{"path": str(found[file]), "bytes": None} if file in found else None for file in files]
+        dataset = dataset.add_column("mask", column).cast_column("mask", datasets.Image())
+    return dataset
+
+
+MASK_SUFFIX = "_mask"  # NAME_mask.png beside NAME.jpg is NAME.jpg's loss mask
+
+
+def _mask_files(images: set[Path]) -> dict[Path, Path]:
+    """{image: its mask} for each NAME_mask.EXT among the image files that has a NAME.EXT image
+    (any image extension) in its folder; a NAME_mask file without one is an error naming it."""
+    stems = {}
+    for file in images:
+        if not file.stem.endswith(MASK_SUFFIX):
+            stems.setdefault((file.parent, file.stem), []).append(file)
+    masks = {}
+    for file in sorted(images):
+        if not file.stem.endswith(MASK_SUFFIX):
+            continue
+        owners = stems.get((file.parent, file.stem[:-len(MASK_SUFFIX)]), [])
+        if not owners:
+            raise DifftoolError(f"[dataset] {file} is named as a loss mask (NAME{MASK_SUFFIX}.EXT) but there is no image "
+                                f"{file.stem[:-len(MASK_SUFFIX)]}.* beside it; add that image, or rename the file if it "
+                                "is a training image")
+        if len(owners) > 1:
+            raise DifftoolError(f"[dataset] {file} is the loss mask of {len(owners)} images "
+                                f"({', '.join(sorted(map(str, owners)))}); give each image its own name")
+        masks[owners[0]] = file
+    return masks
+
+
+def _check_mask_size(image: Path, mask: Path) -> None:
+    """A mask must be the size of its image, both upright (read from the headers)."""
+    from PIL import Image
+
+    from difftool.data import upright_size
+
+    with Image.open(image) as picture, Image.open(mask) as masked:
+        (height, width), (mask_height, mask_width) = upright_size(picture), upright_size(masked)
+        if (height, width) != (mask_height, mask_width):
+            raise DifftoolError(f"[dataset] the mask {mask} is {mask_width}x{mask_height} but its image {image} is "
+                                f"{width}x{height}; a mask must have its image's size (white where the loss counts, "
+                                "black where it does not): resize the mask to it")
 
 
 # caption files beside the images, as kohya-ss/sd-scripts and most fine-tuning trainers read them
@@ -138,6 +196,98 @@ def folders(classes: dict, max_per_class: int | None = None, seed: int = 0) -> l
             _check_image(file)
         rows += [{"image": {"path": str(file), "bytes": None}, "label": name} for file in files]
     return rows
+
+
+def dreambooth(instance_dir: str, instance_prompt: str, class_prompt: str | None = None,
+               class_dir: str | None = None, num_class_images: int = 100, prior_loss_weight: float = 1.0,
+               with_prior_preservation: bool | None = None, generate_images=None) -> list[dict]:
+    """DreamBooth (Ruiz et al. 2022), named as diffusers' train_dreambooth.py names it: the images
+    in `instance_dir`, each captioned `instance_prompt` ("a photo of sks dog"), and, with prior
+    preservation, `num_class_images` images of `class_prompt` ("a photo of a dog") from
+    `class_dir`, their loss weighted by `prior_loss_weight`. Rows: {"image", "text", and with
+    prior preservation "loss_weight"} (1 for instance rows), so `[dataset] caption_column` is
+    "text". An instance image NAME.EXT with a NAME_mask.EXT beside it gets that loss mask (a
+    `mask` column, as an imagefolder's); class images count whole.
+
+    with_prior_preservation defaults to whether a class_prompt is given; asked for without one,
+    it is refused. class_dir defaults to a folder under difftool's cache keyed by the base model,
+    the image size and the class prompt (`generate_images.folder_for`). When class_dir holds
+    fewer than num_class_images images, `generate_images` (the context argument: the recipe's
+    base model) tops it up before training, one file at a time; a rerun keeps what an
+    interrupted one made. Of more, the first num_class_images by name are used.
+
+    As kohya-ss/sd-scripts mixes regularisation images, instance and class rows are one dataset,
+    shuffled together, each kind repeated in turn up to the larger count, so an epoch holds as
+    many of each. diffusers' script instead gives each batch an instance and a class half and
+    takes loss = instance loss + prior_loss_weight * class loss; here the batch mean of the
+    weighted per-sample losses is, in expectation, half that (Adam's steps do not depend on the
+    scale of the loss, but set an SGD learning rate twice diffusers' to match)."""
+    import math
+
+    instance_folder = Path(instance_dir).expanduser()
+    if not instance_folder.is_dir():
+        raise DifftoolError(f"[dataset] instance_dir = '{instance_dir}': no such folder; point it at the folder of "
+                            "the subject's images")
+    extensions = _image_extensions()
+    instances = sorted(f for f in instance_folder.iterdir() if f.is_file() and f.suffix.lower() in extensions)
+    if not instances:
+        raise DifftoolError(f"[dataset] instance_dir = '{instance_dir}' holds no image files")
+    if not isinstance(instance_prompt, str) or not instance_prompt.strip():
+        raise DifftoolError("[dataset] instance_prompt must name the subject, with its identifier, e.g. "
+                            'instance_prompt = "a photo of sks dog"')
+    masks = _mask_files(set(instances))  # NAME_mask.png beside NAME.png: its loss mask, as in an imagefolder
+    mask_files = set(masks.values())
+    instances = [f for f in instances if f not in mask_files]
+    for file in instances + sorted(masks.values()):
+        _check_image(file)
+    for image, mask in sorted(masks.items()):
+        _check_mask_size(image, mask)
+    instance_rows = [{"image": {"path": str(f), "bytes": None}, "text": instance_prompt} for f in instances]
+    if masks:
+        for row, file in zip(instance_rows, instances):
+            row["mask"] = {"path": str(masks[file]), "bytes": None} if file in masks else None
+    if with_prior_preservation is None:
+        with_prior_preservation = bool(class_prompt)
+    if not with_prior_preservation:
+        return instance_rows
+    if not isinstance(class_prompt, str) or not class_prompt.strip():
+        raise DifftoolError("[dataset] with_prior_preservation = true needs class_prompt, the prompt of the class "
+                            'images (e.g. class_prompt = "a photo of a dog" for instance_prompt = "a photo of sks '
+                            'dog"); set it, or set with_prior_preservation = false to train on the instance images '
+                            "alone")
+    if isinstance(num_class_images, bool) or not isinstance(num_class_images, int) or num_class_images < 1:
+        raise DifftoolError(f"[dataset] num_class_images = {num_class_images!r} must be a positive number of images")
+    if (isinstance(prior_loss_weight, bool) or not isinstance(prior_loss_weight, (int, float))
+            or not math.isfinite(prior_loss_weight) or prior_loss_weight < 0):
+        raise DifftoolError(f"[dataset] prior_loss_weight = {prior_loss_weight!r} must be a number >= 0 (diffusers' "
+                            "default is 1.0)")
+    from difftool.class_images import image_files
+
+    if class_dir is not None:
+        folder = Path(class_dir).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise DifftoolError(f"[dataset] class_dir = '{class_dir}' is a file; point it at a folder for the class "
+                                "images (it is created and filled when it has too few)")
+    elif generate_images is not None:
+        folder = generate_images.folder_for(class_prompt)
+    else:
+        raise DifftoolError("[dataset] class_dir is needed: nothing here can generate class images; point it at a "
+                            "folder of class images")
+    if generate_images is not None:  # in every process: the main one generates, the others wait for it
+        generate_images(class_prompt, num_class_images, folder)
+    found = image_files(folder)
+    if len(found) < num_class_images:
+        raise DifftoolError(f"[dataset] {folder} holds {len(found)} class images and num_class_images = "
+                            f"{num_class_images}; add images, or lower num_class_images")
+    classes = found[:num_class_images]
+    for file in classes:
+        _check_image(file)
+    class_rows = [{"image": {"path": str(f), "bytes": None}, "text": class_prompt, "loss_weight": float(prior_loss_weight),
+                   **({"mask": None} if masks else {})} for f in classes]  # a class image counts whole
+    for row in instance_rows:
+        row["loss_weight"] = 1.0
+    count = max(len(instance_rows), len(class_rows))
+    return [row for i in range(count) for row in (instance_rows[i % len(instance_rows)], class_rows[i % len(class_rows)])]
 
 
 def _data_files(folder: Path, path: str) -> tuple[dict, set[Path], list[Path]]:

@@ -31,16 +31,29 @@ _BASE_NAMES = ["orange"] * 3 + ["blue"] * 3 + ["yellow"] * 2 + ["white"] * 2 + [
 
 
 def synthetic_butterflies(count: int = 1000, seed: int = 0, size: int = 64, captions: bool = False,
-                          labels: bool = False) -> list[dict]:
+                          labels: bool = False, shapes: list | None = None) -> list[dict]:
     """`count` butterfly-like RGB images of `size` px, as rows {"image": PIL.Image}; with
     `captions`, also {"text": "a blue butterfly"}, and with `labels`, also {"label": "blue"}, the
     class label of class-conditional training (`[dataset] label_column = "label"`): both name
-    the wings' base colour, one of orange, blue, yellow, white, brown and black."""
+    the wings' base colour, one of orange, blue, yellow, white, brown and black.
+
+    With `shapes` ([[width, height], ...]: images of several aspect ratios, for `[dataset]
+    buckets`), image i is drawn at the longer side of shapes[i % len(shapes)] instead of `size`
+    and cropped at its centre to that shape."""
     if count < 1:
         raise ValueError(f"count must be >= 1 (got {count}); pass a positive number of images.")
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels (got {size}); pass size=8 or larger.")
-    rows = [{"image": draw_butterfly(np.random.default_rng([seed, i]), size)} for i in range(count)]
+    if shapes is not None and not (shapes and all(isinstance(s, (list, tuple)) and len(s) == 2 and all(
+            isinstance(side, int) and side >= 8 for side in s) for s in shapes)):
+        raise ValueError(f"shapes = {shapes!r} must be a list of [width, height] pairs of integers >= 8, "
+                         "e.g. [[48, 32], [32, 48]].")
+    rows = []
+    for i in range(count):
+        width, height = shapes[i % len(shapes)] if shapes else (size, size)
+        image = draw_butterfly(np.random.default_rng([seed, i]), max(width, height))
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        rows.append({"image": image.crop((left, top, left + width, top + height)) if shapes else image})
     if captions or labels:
         for i, row in enumerate(rows):
             colour = _colour_word(seed, i)
