@@ -448,9 +448,16 @@ def training(recipe: dict, contents: Contents) -> str:
         if dataset.get("caption_dropout"):
             data += f", {dataset['caption_dropout']:g} of them dropped"
     rows.append(("Data", data))
-    prepared = "centre-cropped" if dataset.get("center_crop") else "resized"
+    crop = "random crops" if dataset.get("random_crop") else "centre-cropped"
+    prepared = crop if dataset.get("center_crop") or dataset.get("random_crop") else "resized"
     flip = ", random horizontal flips" if dataset.get("random_flip", True) else ""
-    rows.append(("Image size", f"{dataset.get('image_size', '?')} px ({prepared}{flip})"))
+    size = dataset.get("image_size", "?")
+    if dataset.get("buckets"):
+        shown = (f"aspect-ratio buckets of about {size}² px, sides in steps of {dataset.get('bucket_step', 64)} px "
+                 f"({'random crops' if dataset.get('random_crop') else 'centre-cropped'}{flip})")
+    else:
+        shown = f"{size} px ({prepared}{flip})"
+    rows.append(("Image size", shown))
     limits = [f"num_epochs = {run.get('num_epochs', 1)}"] + (
         [f"max_steps = {run['max_steps']}"] if run.get("max_steps") else [])
     steps = (f"{contents.steps} optimizer step{'' if contents.steps == 1 else 's'}" if contents.steps is not None
@@ -652,6 +659,12 @@ def text_to_image_code(recipe: dict, contents: Contents, where: str, pipeline: s
         load = f"pipeline = {pipeline}.from_pretrained({literal(where)}{extra})\n"
         text = f"The folder is a diffusers `{pipeline}`:\n\n"
         cls = pipeline
+    elif LORA_WEIGHTS not in contents.names:  # adapters diffusers cannot load (LoHa, LoKr, OFT)
+        names = ", ".join(f"`{a.get('name')}`" for a in recipe.get("adapters", []))
+        return (f"The folder holds adapters ({names}) in peft's layout, under `adapters/`, for the base "
+                f"pipeline `{model.get('pretrained', 'BASE_MODEL')}`. diffusers' `load_lora_weights` reads LoRA "
+                "only: sample with `difftool sample`, or train with `run.fuse_adapters = true` to save a "
+                "pipeline with them merged in.\n")
     else:
         cls = LATENT_PIPELINES.get(model.get("name"), "DiffusionPipeline")
         base = model.get("pretrained", "BASE_MODEL")

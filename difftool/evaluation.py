@@ -21,8 +21,10 @@ from difftool.metrics import ReferenceCache, fingerprint, folder_fingerprint
 
 METRICS_FILE = "metrics.jsonl"  # output_dir/metrics.jsonl: one line per evaluation during training
 EVALUATIONS = "evaluations"  # run_dir/evaluations/*.json: the results of `difftool eval`
-# dataset keys that do not change the images a reference is made of
-NOT_IMAGES = {"batch_size", "num_workers", "cache", "random_flip", "caption_dropout", "latent_cache_dir", "caption_column"}
+# [dataset] keys that do not change the reference images (read as image_size squares, whatever
+# the training's buckets, crops and captions)
+NOT_IMAGES = {"batch_size", "num_workers", "cache", "random_flip", "caption_dropout", "latent_cache_dir", "caption_column",
+              "shuffle_tags", "keep_tags", "random_crop", "buckets", "bucket_step", "bucket_min", "bucket_max"}
 
 
 @dataclass

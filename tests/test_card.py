@@ -158,6 +158,24 @@ def test_a_latent_loras_card_loads_it_onto_its_base_pipeline(finished):
     assert 'pipeline.load_lora_weights("me/sd-lora")' in code and '"a blue butterfly"' in code
 
 
+def test_a_latent_runs_card_without_a_lora_file_says_how_to_use_its_adapters(finished):
+    recipe = card.read_recipe(finished)
+    recipe["model"] = {"name": "stable-diffusion", "pretrained": "models/sd"}
+    recipe["adapters"] = [{"name": "loha", "r": 4}]  # peft's layout only: diffusers' loader reads LoRA alone
+    text = card.build(recipe, card.Contents(names=frozenset({"adapters.json", "adapters"})), "me/sd-loha")
+    assert "load_lora_weights(" not in text and "`loha`" in text and "difftool sample" in text
+    assert "fuse_adapters = true" in text
+
+
+def test_the_card_says_how_the_images_were_cut(finished):
+    recipe = card.read_recipe(finished)
+    recipe["dataset"].update(center_crop=True, random_flip=False)
+    assert f"{SIZE} px (centre-cropped)" in card.build(recipe, card.Contents())
+    recipe["dataset"].update(center_crop=False, random_crop=True, buckets=True, bucket_step=16)
+    assert f"aspect-ratio buckets of about {SIZE}² px, sides in steps of 16 px (random crops)" in card.build(
+        recipe, card.Contents())
+
+
 def test_the_card_links_the_grid_saved_with_the_model():
     recipe = {"run": {"num_epochs": 30, "save_image_epochs": 10, "max_steps": 100}}
     assert card.epoch_grid(recipe, 9, 50) == "samples/0009.png"  # every save_image_epochs
