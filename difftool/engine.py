@@ -136,6 +136,7 @@ def prepare(recipe: Recipe, accelerator: Accelerator) -> tuple[Parts, TrainState
         build.check_captions(recipe, train_rows)
     applied = build.adapters(recipe, model)
     build.gradient_checkpointing(recipe, model)
+    model.train()  # a pretrained model loads in eval mode, where an adapter's dropout would not act
     if run["fuse_adapters"]:
         adapters.check_fusable(applied, recipe)
     noise_scheduler = build.noise_scheduler(recipe, model)

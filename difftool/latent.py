@@ -50,6 +50,16 @@ class LatentDiffusion(torch.nn.Module):
         """The frozen text encoders, None where the pipeline has none (SD's second and third)."""
         return [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
 
+    def train(self, mode: bool = True):
+        """Train mode (mode=True) for the denoiser and any text encoder with trainable weights, so
+        that an adapter's dropout acts in training; the frozen VAE and text encoders stay in eval
+        mode whatever is asked. (diffusers' from_pretrained leaves every part in eval mode.)"""
+        super().train(mode)
+        for module in (self.vae, *self.text_encoders()):
+            if module is not None and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
     def text_encoders_train(self) -> bool:
         """Whether an adapter put trainable weights on a text encoder (a text-encoder LoRA): then
         prompts are encoded with gradients, and no embedding can be cached."""

@@ -189,3 +189,27 @@ def test_text_encoder_lora_mistakes_are_clear_errors(cli, tiny_sd, tmp_path):
     code, _, err = cli("check", sd_recipe(tmp_path, tiny_sd, name="typo", train_text_encoder=True,
                                           text_encoder_target_modules=["q_proj", "query"]))
     assert code == 1 and "text_encoder_target_modules ['query'] match no layer of the text_encoder" in err
+
+
+class Modes:
+    """Which parts of the model are in train mode at every step."""
+
+    def __init__(self):
+        self.steps = []
+
+    @difftool.hookimpl
+    def on_step_end(self, state):
+        model = state.accelerator.unwrap_model(state.model)
+        self.steps.append((model.unet.training, model.text_encoder.training, model.vae.training))
+
+
+def test_the_adapted_parts_train_in_train_mode_and_the_frozen_ones_stay_in_eval_mode(plugin, tiny_sd, tmp_path):
+    """diffusers loads a pipeline in eval mode, where a LoRA's dropout does nothing: training puts
+    the UNet and a text encoder with a LoRA in train mode from the first step, and validation
+    (which evaluates in eval mode) leaves them so; the frozen VAE stays in eval mode."""
+    modes = Modes()
+    plugin(modes, "modes")
+    recipe = recipes.load(sd_recipe(tmp_path, tiny_sd, run={"max_steps": 2}, train_text_encoder=True, lora_dropout=0.1))
+    recipe["validation"].update(every_n_steps=1, fraction=0.25, num_batches=1)
+    train(recipe)
+    assert modes.steps == [(True, True, False), (True, True, False)]
