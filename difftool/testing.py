@@ -1,7 +1,7 @@
 """Fixtures for testing difftool and its plugins with pytest: a tiny recipe that trains in
 seconds on CPU, in-process plugin registration, and the CLI run in-process.
 
-Use them from a conftest.py: `from difftool.testing import cli, plugin, tiny_recipe`.
+Use them from a conftest.py: `from difftool.testing import cli, plugin, tiny_recipe, tiny_sd, tiny_sdxl`.
 Importing this module also keeps Hugging Face libraries offline, and points difftool's cache
 folder ($DIFFTOOL_CACHE_DIR) at a new temporary folder unless it is set already, so tests never
 read or fill the user's caches.
@@ -76,6 +76,23 @@ def tiny_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline folder (difftool.tiny_models), written once per
+    test session; tests read it and never change it (copy it to change it)."""
+    from difftool.tiny_models import write_pipeline
+
+    return write_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline folder, as tiny_sd."""
+    from difftool.tiny_models import write_pipeline
+
+    return write_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), xl=True)
 
 
 @pytest.fixture

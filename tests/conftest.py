@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from difftool.testing import TINY_RECIPE, cli, plugin, tiny_recipe  # noqa: F401 (fixtures)
+from difftool.testing import TINY_RECIPE, cli, plugin, tiny_recipe, tiny_sd, tiny_sdxl  # noqa: F401 (fixtures)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUTTERFLIES = SHARED_DATA / "smithsonian-butterflies-64"

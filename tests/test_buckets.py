@@ -26,17 +26,11 @@ from difftool.errors import DifftoolError
 from difftool.latent import LatentDiffusion
 from difftool.latent_cache import pixel_digests
 from difftool.testing import assert_identical
-from difftool.tiny_models import write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sdxl-lora-buckets-tiny.toml"
 needs_lora = pytest.mark.skipif(find_spec("difftool_lora") is None, reason="needs the difftool-lora plugin")
 SHAPES = [(64, 64), (96, 48), (48, 96), (80, 64)]  # width x height
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), xl=True)
 
 
 def shaped_folder(folder: Path, sources: list[Path], shapes=SHAPES) -> Path:

@@ -16,17 +16,11 @@ from difftool import recipe as recipes
 from difftool.builtins.datasets import dreambooth
 from difftool.class_images import PROMPT_FILE, image_files
 from difftool.errors import DifftoolError
-from difftool.tiny_models import write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "dreambooth-tiny.toml"
 INSTANCES = ROOT / "recipes" / "data" / "sks-butterflies"
 needs_lora = pytest.mark.skipif(find_spec("difftool_lora") is None, reason="needs the difftool-lora plugin")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 
 
 def images(folder: Path, count: int, colour: str = "green", start: int = 0) -> Path:

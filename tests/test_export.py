@@ -15,20 +15,9 @@ import torch
 from difftool import recipe as recipes
 from difftool.engine import train
 from difftool.testing import TINY_RECIPE
-from difftool.tiny_models import write_pipeline
 
 pytestmark = pytest.mark.skipif(find_spec("difftool_lora") is None, reason="needs the difftool-lora plugin")
 KEY = re.compile(r"^(lora_unet|lora_te|lora_te1|lora_te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), xl=True)
 
 
 def lora_run(folder: Path, pretrained: Path, xl: bool = False, **lora) -> Path:

@@ -153,13 +153,6 @@ def test_rows_of_weight_zero_add_nothing_to_the_loss(plugin, tiny_recipe, tmp_pa
     assert seen.losses == [0.0, 0.0] and seen.val_losses == [0.0]  # validation weighs rows as training does
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from difftool.tiny_models import write_pipeline
-
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
 def test_loss_masks_from_mask_files_weight_the_latent_loss(plugin, tiny_sd, tmp_path):
     """DreamBooth instance images with NAME_mask.png beside them (the imagefolder convention), on
     the tiny Stable Diffusion pipeline: black masks zero the loss, white ones leave it (all-ones

@@ -20,20 +20,9 @@ from difftool import recipe as recipes
 from difftool.engine import train
 from difftool.latent import LatentDiffusion
 from difftool.latent_cache import vae_digest
-from difftool.tiny_models import write_pipeline
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sd-lora-tiny.toml"
 needs_lora = pytest.mark.skipif(find_spec("difftool_lora") is None, reason="needs the difftool-lora plugin")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), xl=True)
 
 
 def sd_recipe(tmp_path: Path, pretrained: Path, name: str = "run", source: Path = TINY_RECIPE, **sections) -> Path:

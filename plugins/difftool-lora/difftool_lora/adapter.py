@@ -118,43 +118,60 @@ class LoraAdapter(Adapter):
         return found + [(encoder, self.encoder_config, folder / name) for name, encoder in self.encoders.items()]
 
     def save(self, model, folder: Path) -> None:
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
         for module, config, place in self.parts(model, folder):
             place.mkdir(exist_ok=True)
-            config.save_pretrained(str(place))
-            weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
-            save_file(weights, str(place / WEIGHTS))
+            save_peft(module, config, place)
 
     def load(self, model, folder: Path) -> None:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         for module, _, place in self.parts(model, folder):
             if not (place / WEIGHTS).is_file():
                 raise DifftoolError(f"{place} has no {WEIGHTS}; it was not saved by the lora adapter with this "
                                     "recipe's train_unet and train_text_encoder")
-            weights = load_file(str(place / WEIGHTS))
-            expected = {name: value.shape for name, value in get_peft_model_state_dict(module).items()}
-            if {name: value.shape for name, value in weights.items()} != expected:
-                raise DifftoolError(f"{place}/{WEIGHTS} does not fit this model's LoRA ({len(weights)} tensors, "
-                                    f"{len(expected)} expected); was it saved with other target_modules or r?")
-            set_peft_model_state_dict(module, weights)
+            load_peft(module, place, "LoRA")
 
     def fuse(self, model):
-        # peft merges a LoRA into its layer (module.merge); swapping each merged layer for its
-        # base layer is what peft's merge_and_unload does for a PeftModel, which this is not.
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        return merge_peft(model)
 
-        for name, module in list(model.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                module.merge(safe_merge=True)
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-        if hasattr(model, "peft_config"):
-            del model.peft_config
-        if getattr(model, "_hf_peft_config_loaded", False):  # diffusers' and transformers' PeftAdapterMixin bookkeeping
-            model._hf_peft_config_loaded = False
-        model.requires_grad_(True)
-        return model
+
+def save_peft(module, config, folder: Path) -> None:
+    """Write the peft adapter of `module` into `folder` as peft lays it out: its config
+    (adapter_config.json) and its weights alone (adapter_model.safetensors)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config.save_pretrained(str(folder))
+    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+    save_file(weights, str(folder / WEIGHTS))
+
+
+def load_peft(module, folder: Path, what: str) -> None:
+    """Load the adapter weights `save_peft` wrote into `module`, which has just been given the
+    same adapter (`what` names it in messages); weights of other shapes are refused."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / WEIGHTS))
+    expected = {name: value.shape for name, value in get_peft_model_state_dict(module).items()}
+    if {name: value.shape for name, value in weights.items()} != expected:
+        raise DifftoolError(f"{folder}/{WEIGHTS} does not fit this model's {what} ({len(weights)} tensors, "
+                            f"{len(expected)} expected); was it saved with other target_modules or r?")
+    set_peft_model_state_dict(module, weights)
+
+
+def merge_peft(model):
+    """`model` with every peft tuner layer merged into its base layer and replaced by it: a plain
+    model again, trainable as a whole. (peft's merge_and_unload does this for a PeftModel, which
+    a model given an adapter in place is not.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if getattr(model, "_hf_peft_config_loaded", False):  # diffusers' and transformers' PeftAdapterMixin bookkeeping
+        model._hf_peft_config_loaded = False
+    model.requires_grad_(True)
+    return model

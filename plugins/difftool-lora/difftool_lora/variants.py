@@ -14,7 +14,7 @@ from pathlib import Path
 
 from difftool.adapters import Adapter
 from difftool.errors import DifftoolError
-from difftool_lora.adapter import ATTENTION, CONVOLUTIONS, WEIGHTS
+from difftool_lora.adapter import ATTENTION, CONVOLUTIONS, WEIGHTS, load_peft, merge_peft, save_peft
 
 
 def loha(model, r: int = 8, alpha: float | None = None, rank_dropout: float = 0.0, module_dropout: float = 0.0,
@@ -146,40 +146,14 @@ class PeftAdapter(Adapter):
         self.name, self.config = name, config
 
     def save(self, model, folder: Path) -> None:
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        self.config.save_pretrained(str(folder))
-        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(weights, str(folder / WEIGHTS))
+        save_peft(model, self.config, folder)
 
     def load(self, model, folder: Path) -> None:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         if not (folder / WEIGHTS).is_file():
             raise DifftoolError(f"{folder} has no {WEIGHTS}; it was not saved by the {self.name} adapter")
-        weights = load_file(str(folder / WEIGHTS))
-        expected = {key: value.shape for key, value in get_peft_model_state_dict(model).items()}
-        if {key: value.shape for key, value in weights.items()} != expected:
-            raise DifftoolError(f"{folder}/{WEIGHTS} does not fit this model's {self.name} adapter ({len(weights)} "
-                                f"tensors, {len(expected)} expected); was it saved with other target_modules or r?")
-        set_peft_model_state_dict(model, weights)
+        load_peft(model, folder, f"{self.name} adapter")
 
     def fuse(self, model):
-        # Each tuner layer merges itself into its base layer (module.merge, which for every layer
-        # type the factories accept gives the adapted layer's outputs); swapping each merged layer
-        # for its base layer is what peft's merge_and_unload does for a PeftModel, which this is not.
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for name, module in list(model.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                module.merge(safe_merge=True)
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-        if hasattr(model, "peft_config"):
-            del model.peft_config
-        if getattr(model, "_hf_peft_config_loaded", False):  # diffusers' PeftAdapterMixin bookkeeping
-            model._hf_peft_config_loaded = False
-        model.requires_grad_(True)
-        return model
+        # each tuner layer's merge gives the adapted layer's outputs for every layer type the
+        # factories accept (OFT on k x k convolutions, where it would not, is refused)
+        return merge_peft(model)

@@ -1,1 +1,1 @@
-from difftool.testing import cli, plugin, tiny_recipe  # noqa: F401 (fixtures)
+from difftool.testing import cli, plugin, tiny_recipe, tiny_sd, tiny_sdxl  # noqa: F401 (fixtures)

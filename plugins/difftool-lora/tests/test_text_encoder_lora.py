@@ -17,19 +17,8 @@ from difftool import build, runs  # noqa: E402
 from difftool import recipe as recipes  # noqa: E402
 from difftool.engine import train  # noqa: E402
 from difftool.testing import TINY_RECIPE  # noqa: E402
-from difftool.tiny_models import write_pipeline  # noqa: E402
 
 PROMPTS = ["a blue butterfly", "an orange butterfly, wings open", ""]
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), xl=True)
 
 
 def sd_recipe(tmp_path: Path, pretrained: Path, xl: bool = False, name: str = "run", run: dict | None = None,

@@ -160,13 +160,6 @@ def test_rslora_scales_by_the_square_root_of_the_rank_and_fuses(base, tmp_path, 
     assert scalings == {8 / 4 ** 0.5}  # rsLoRA: alpha / sqrt(r) = 4, where plain LoRA's alpha / r is 2
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from difftool.tiny_models import write_pipeline
-
-    return write_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
 def sd_recipe(tmp_path, tiny_sd, adapter: dict):
     """recipes/sd-lora-tiny.toml on `tiny_sd`, with `adapter` as its one [[adapters]] table,
     two steps, fused, and its samples at the end only."""
