@@ -15,7 +15,7 @@ import difftool
 from difftool import build
 from difftool import recipe as recipes
 from difftool.engine import train
-from test_text_to_image import Watcher, sd_recipe, tiny_sd  # noqa: F401 (a fixture)
+from test_text_to_image import Watcher, sd_recipe
 
 needs_lora = pytest.mark.skipif(find_spec("difftool_lora") is None, reason="needs the difftool-lora plugin")
 DIT = ['model={name = "dit", num_layers = 2, num_attention_heads = 2, attention_head_dim = 8}']
@@ -70,7 +70,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_recipe, m
 
 
 @needs_lora
-def test_gradient_checkpointing_of_a_text_to_image_unet_under_lora(tiny_sd, tmp_path):  # noqa: F811
+def test_gradient_checkpointing_of_a_text_to_image_unet_under_lora(tiny_sd, tmp_path):
     path = sd_recipe(tmp_path, tiny_sd)
     latent = build.model(recipes.load(path))
     conditioning = latent.encode_prompts(["a blue butterfly", ""], 32)
@@ -139,7 +139,7 @@ def test_a_model_that_cannot_checkpoint_is_refused_by_check_and_run(plugin, cli,
     assert not (tmp_path / "run" / "model_index.json").exists() and not (tmp_path / "run" / "logs").exists()
 
 
-def test_vae_slicing_and_tiling_are_applied_and_a_run_with_them_trains(plugin, monkeypatch, cli, tiny_sd,  # noqa: F811
+def test_vae_slicing_and_tiling_are_applied_and_a_run_with_them_trains(plugin, monkeypatch, cli, tiny_sd,
                                                                         tmp_path):
     from diffusers import AutoencoderKL
 

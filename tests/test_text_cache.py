@@ -16,7 +16,7 @@ from difftool.latent import LatentDiffusion, stable_diffusion, stable_diffusion_
 from difftool.latent_cache import TextCache, text_digest, text_digests
 from difftool.tiny_models import write_sd3
 from test_faults import cut, disk, fill  # noqa: F401 (disk is a fixture)
-from test_text_to_image import sd_recipe, tiny_sd, tiny_sdxl  # noqa: F401 (fixtures)
+from test_text_to_image import sd_recipe
 
 PROMPTS = ["a blue butterfly", "", "an orange butterfly", "a blue butterfly", ""]
 
@@ -74,7 +74,7 @@ def test_cached_prompts_come_back_identical(kind, request, monkeypatch, tmp_path
         assert time_ids.shape == (len(PROMPTS), 6) and time_ids[0].tolist() == [64, 64, 0, 0, 64, 64]
 
 
-def test_the_text_cache_key_changes_with_the_encoders_tokenizers_dtype_and_pipeline(tiny_sd):  # noqa: F811
+def test_the_text_cache_key_changes_with_the_encoders_tokenizers_dtype_and_pipeline(tiny_sd):
     latent = stable_diffusion(str(tiny_sd))
 
     def digest(kind="StableDiffusionPipeline"):
@@ -108,7 +108,7 @@ class Weights:
         self.end = {n: p.detach().clone() for n, p in state.accelerator.unwrap_model(state.model).named_parameters()}
 
 
-def test_training_with_the_text_cache_is_bit_identical_to_encoding_every_step(plugin, monkeypatch, tiny_sd,  # noqa: F811
+def test_training_with_the_text_cache_is_bit_identical_to_encoding_every_step(plugin, monkeypatch, tiny_sd,
                                                                               tmp_path):
     weights = plugin(Weights(), "weights")
     calls = []
@@ -138,7 +138,7 @@ def test_training_with_the_text_cache_is_bit_identical_to_encoding_every_step(pl
         assert torch.equal(plain[name], cached[name]), name
 
 
-def test_a_damaged_text_entry_is_encoded_again_and_a_full_disk_goes_on_without(disk, capsys, tiny_sd):  # noqa: F811
+def test_a_damaged_text_entry_is_encoded_again_and_a_full_disk_goes_on_without(disk, capsys, tiny_sd):
     latent = stable_diffusion(str(tiny_sd))
     expected = latent.encode_prompts(PROMPTS, 32)["encoder_hidden_states"]
     latent.text_cache = cache_of(latent, disk())
