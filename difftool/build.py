@@ -352,7 +352,7 @@ def bucket_distribution(recipe: Recipe, dataset_rows) -> dict | None:
 
 def check_buckets(recipe: Recipe, built) -> None:
     """[dataset] buckets and crops must fit the model: bucket sides divisible by its
-    down-sampling factor. Buckets are for latent (text-to-image) models: a pixel-space model
+    down-sampling factor, and no longer than it takes (SD3's position embeddings). Buckets are for latent (text-to-image) models: a pixel-space model
     here is built for one sample_size."""
     from difftool.buckets import check_factor, settings
 
@@ -365,6 +365,11 @@ def check_buckets(recipe: Recipe, built) -> None:
                             "text-to-image model (stable-diffusion, stable-diffusion-xl, stable-diffusion-3), or "
                             "set buckets = false")
     check_factor(chosen, built.size_multiple, recipe.where("dataset"))
+    most, longest = built.largest_side, max(max(bucket) for bucket in chosen.buckets())
+    if most and longest > most:
+        raise DifftoolError(f"{recipe.where('dataset')} bucket_max = {chosen.largest} makes buckets with sides up to "
+                            f"{longest} px, and this transformer's position embeddings cover images of at most "
+                            f"{most} px a side; set bucket_max to at most {most // chosen.step * chosen.step}")
 
 
 def cache_folder(recipe: Recipe):

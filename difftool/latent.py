@@ -118,18 +118,22 @@ class LatentDiffusion(torch.nn.Module):
                 f"[model] the {name} takes {config.in_channels} input channels but the VAE gives "
                 f"{self.vae.config.latent_channels}; fine-tune a text-to-image pipeline (an inpainting "
                 f"pipeline's {name} also takes the mask and the masked image)")
-        if self.sd3:
-            factor = self.vae_scale_factor * config.patch_size
-        else:
-            factor = self.vae_scale_factor * 2 ** (len(config.down_block_types) - 1)
+        factor = self.size_multiple
         if image_size % factor:
             raise DifftoolError(f"{where} image_size = {image_size} must be divisible by {factor} for this "
                                 f"VAE and {name}; use {image_size // factor * factor or factor}")
-        most = config.get("pos_embed_max_size") if self.sd3 else None
-        if most and image_size // factor > most:
+        most = self.largest_side
+        if most and image_size > most:
             raise DifftoolError(f"{where} image_size = {image_size} makes {image_size // factor} patches a side, and "
-                                f"the transformer's position embeddings cover at most {most}; use at most "
-                                f"{most * factor}")
+                                f"the transformer's position embeddings cover at most {most // factor}; use at most "
+                                f"{most}")
+
+    @property
+    def largest_side(self) -> int | None:
+        """The longest image side the denoiser takes, in pixels: SD3's transformer has position
+        embeddings for at most pos_embed_max_size patches a side; a UNet has no limit (None)."""
+        most = self.unet.config.get("pos_embed_max_size") if self.sd3 else None
+        return most * self.size_multiple if most else None
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

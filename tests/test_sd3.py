@@ -132,6 +132,13 @@ def test_sd3_recipe_mistakes_are_clear_errors(cli, tiny_sd3, tmp_path):
     assert code == 1 and "must be divisible by 4 for this VAE and transformer" in err
     code, _, err = cli("check", sd3_recipe(tmp_path, tiny_sd3, "too-big", dataset={"image_size": 128}))
     assert code == 1 and "position embeddings cover at most 16; use at most 64" in err
+    code, _, err = cli("check", sd3_recipe(tmp_path, tiny_sd3, "buckets-too-big", dataset={
+        "image_size": 32, "buckets": True, "bucket_step": 8, "bucket_min": 8, "bucket_max": 96}))
+    assert code == 1 and "bucket_max = 96 makes buckets with sides up to 96 px" in err
+    assert "at most 64 px a side; set bucket_max to at most 64" in err
+    code, _, err = cli("check", sd3_recipe(tmp_path, tiny_sd3, "buckets", dataset={
+        "image_size": 32, "buckets": True, "bucket_step": 8}))  # bucket_max: 64 by default
+    assert code == 0, err
 
 
 def test_the_sd3_recipe_is_valid(cli, tiny_sd3):
