@@ -316,13 +316,13 @@ def dataloader(recipe: Recipe, dataset_rows, shuffle: bool = True, captions: boo
     from difftool.data import EpochShuffle, ImageDataset
 
     from difftool.buckets import BucketBatches, assign, settings
-    from difftool.data import has_masks, image_sizes
+    from difftool.data import has_column, image_sizes
 
     table, seed = recipe["dataset"], recipe["run"]["seed"]
     workers = table["num_workers"]
     buckets = settings(table, recipe.where("dataset"))
     # the images' sizes (file headers; masks checked against them) where buckets or crops need them
-    sizes = image_sizes(dataset_rows) if buckets or table["random_crop"] or has_masks(dataset_rows) else None
+    sizes = image_sizes(dataset_rows) if buckets or table["random_crop"] or has_column(dataset_rows, "mask") else None
     targets = assign(sizes, buckets.buckets()) if buckets else None
     crops = table["random_crop"] and shuffle  # held-out rows are cropped at the centre
     dataset = ImageDataset(dataset_rows, table["image_size"], cache=table["cache"], shared=workers > 0,

@@ -62,7 +62,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.rows = undecoded(rows)
         self.image_size, self.center_crop, self.caption_column = image_size, center_crop, caption_column
         self.targets = None if targets is None else [tuple(target) for target in targets]
-        self.random_crop, self.masked, self.with_geometry = random_crop, has_masks(self.rows), geometry
+        self.random_crop, self.masked, self.with_geometry = random_crop, has_column(self.rows, "mask"), geometry
+        columns = column_names(self.rows)  # rows of other kinds may each have a loss_weight or not
+        self.weighted = columns is None or "loss_weight" in columns
         self.label_column = self.label_names = self.label_index = None
         if labels is not None:
             self.label_column, self.label_names = labels["column"], list(labels["names"])
@@ -145,17 +147,19 @@ class ImageDataset(torch.utils.data.Dataset):
                         crop_top_lefts=torch.tensor(offset))
         if self.masked:
             item["masks"] = pixels[3:].float() / 255.0
+        if self.caption_column is None and self.label_column is None and not self.weighted:
+            return item  # no column but the image's: the row is not read (its pixels may be cached)
+        row = self.rows[index]
         if self.caption_column is not None:
-            item["captions"] = self.rows[index][self.caption_column] or ""
+            item["captions"] = row[self.caption_column] or ""
         if self.label_column is not None:
-            item["labels"] = self.label(index)
-        if "loss_weight" in (row := self.rows[index]):
+            item["labels"] = self.label(index, row[self.label_column])
+        if self.weighted and "loss_weight" in row:
             item["loss_weights"] = loss_weight(row["loss_weight"], self.rows, index)
         return item
 
-    def label(self, index: int) -> int:
-        """The class index of row `index`'s label."""
-        value = self.rows[index][self.label_column]
+    def label(self, index: int, value) -> int:
+        """The class index of `value`, row `index`'s label."""
         if isinstance(value, str):
             found = self.label_index.get(value)
         elif _is_int(value) and 0 <= value < len(self.label_names):
@@ -363,21 +367,28 @@ def _tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(values if values.ndim == 3 else values[:, :, None]).permute(2, 0, 1)
 
 
-def has_masks(rows) -> bool:
-    """Whether the rows have a `mask` column (the first row's keys, for rows that are not a
-    datasets.Dataset)."""
+def column_names(rows) -> list[str] | None:
+    """The columns of a datasets.Dataset (through any Subsets), or None for other rows."""
     while isinstance(rows, torch.utils.data.Subset):
         rows = rows.dataset
-    columns = getattr(rows, "column_names", None)
+    return getattr(rows, "column_names", None)
+
+
+def has_column(rows, column: str) -> bool:
+    """Whether the rows have `column` (the first row's keys, for rows that are not a
+    datasets.Dataset)."""
+    columns = column_names(rows)
     if columns is not None:
-        return "mask" in columns
-    return len(rows) > 0 and "mask" in rows[0]
+        return column in columns
+    while isinstance(rows, torch.utils.data.Subset):
+        rows = rows.dataset
+    return len(rows) > 0 and column in rows[0]
 
 
 def image_sizes(rows) -> list[tuple[int, int]]:
     """(height, width) of each row's image, read from the files' headers without decoding; where
     the rows have masks, each is checked to have its image's size (a `BadMask` names both)."""
-    images, masks = _column(rows, "image"), _column(rows, "mask") if has_masks(rows) else None
+    images, masks = _column(rows, "image"), _column(rows, "mask") if has_column(rows, "mask") else None
     sizes = [header_size(image) for image in images]
     if masks is not None:
         for image, mask, size in zip(images, masks, sizes):

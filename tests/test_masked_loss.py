@@ -100,6 +100,11 @@ def test_a_rows_loss_weight_reaches_the_batch_and_bad_ones_are_refused():
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=3)))
     assert batch["loss_weights"].tolist() == [2.0, 1.0, 0.0]
     assert "loss_weights" not in ImageDataset([{"image": image}], 8)[0]  # no column, no weights
+    import datasets  # a datasets.Dataset's column (an imagefolder's metadata), empty where a row has none
+
+    table = datasets.Dataset.from_dict({"image": [image, image], "loss_weight": [0.5, None]})
+    assert [item["loss_weights"] for item in ImageDataset(table, 8)] == [0.5, 1.0]
+    assert "loss_weights" not in ImageDataset(table.remove_columns("loss_weight"), 8)[0]
     for bad in (-1.0, float("nan"), float("inf"), "2", True):
         with pytest.raises(DifftoolError, match=r"row 1 has loss_weight = .*finite number >= 0"):
             ImageDataset([rows[0], {"image": image, "loss_weight": bad}], 8)[1]
